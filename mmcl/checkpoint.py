@@ -1,0 +1,98 @@
+"""Checkpoints that survive a crash: each is written to a hidden temporary folder and renamed
+into place only when complete, so the newest `step-*` folder is always a usable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from accelerate import Accelerator
+
+from .config import Config, ConfigError
+from .data import SkipCounter, Skipped
+
+STATE_NAME = "mmcl_train_state.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """`latest` -> the newest complete checkpoint (None if there is none yet); a path -> itself."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise ConfigError(f"train.resume: {path} is not a complete mmcl checkpoint (no {STATE_NAME}); "
+                          f"complete ones: {[str(p) for p in checkpoints(output_dir)] or 'none'}")
+    return path
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished `tmp` to `final`; an older `final` is removed only afterwards."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter) -> Path:
+    """Write the full training state (model, optimizer, scheduler, RNG) at `step`, atomically."""
+    folder = output_dir / "checkpoints"
+    final, tmp = folder / f"step-{step:08d}", folder / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "skipped_rows": sorted(skipped.rows),
+                 "skipped_examples": [s._asdict() for s in skipped.examples]}
+        with open(tmp / STATE_NAME, "w", encoding="utf-8") as f:
+            json.dump(state, f)  # written last: its presence marks the checkpoint complete
+        _replace_dir(tmp, final)
+        for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter) -> int:
+    """Restore the training state; returns the step to continue from."""
+    accelerator.load_state(str(folder))
+    with open(folder / STATE_NAME, encoding="utf-8") as f:
+        state = json.load(f)
+    skipped.rows.update(state["skipped_rows"])
+    skipped.examples.extend(Skipped(**s) for s in state["skipped_examples"])
+    accelerator.print(f"resumed from {folder} at step {state['step']}")
+    return int(state["step"])
+
+
+def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config, final: Path) -> None:
+    """The trained model with its tokenizer, image processor and resolved config, atomically."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)
+    with open(tmp / "mmcl_training_config.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    _replace_dir(tmp, final)

@@ -1,0 +1,222 @@
+"""Image–caption data: load any supported source as a `datasets.Dataset`, decode images lazily,
+skip (and count) the ones that cannot be read, tokenize captions in the collator.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import datasets
+import torch
+from PIL import Image
+
+from .config import ConfigError, DataConfig
+
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "mmcl"
+
+
+def _pick_split(dsd: datasets.DatasetDict, split: str, spec: str) -> datasets.Dataset:
+    if split in dsd:
+        return dsd[split]
+    if len(dsd) == 1:  # a single-split folder or file: use what is there
+        return next(iter(dsd.values()))
+    raise ConfigError(f"{spec} has no split '{split}'; it has: {', '.join(dsd)}")
+
+
+def _resolve_paths(ds: datasets.Dataset, column: str, base: Path) -> datasets.Dataset:
+    """Relative image paths in a csv/json/parquet file are relative to that file, not to the cwd."""
+    if column not in ds.column_names or ds.features[column].dtype != "string":
+        return ds
+
+    def resolve(batch: dict[str, list]) -> dict[str, list]:
+        batch[column] = [p if p is None or os.path.isabs(p) else str(base / p) for p in batch[column]]
+        return batch
+
+    return ds.map(resolve, batched=True, desc=None)
+
+
+def load_source(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
+    """One split of a data source; see `DataConfig` for the accepted forms of `spec`."""
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name != "emoji":
+            raise ConfigError(f"unknown built-in dataset '{spec}'; the built-in one is 'builtin:emoji'")
+        from .emoji_data import build_emoji_dataset
+
+        return _pick_split(build_emoji_dataset(cfg.cache_dir or default_cache_dir() / "datasets",
+                                               image_size=cfg.emoji_image_size), split, spec)
+    path = Path(spec)
+    if path.is_dir() and any((path / m).exists() for m in DISK_MARKERS):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            return _pick_split(loaded, split, spec)
+        return loaded
+    if path.is_dir():
+        return _pick_split(datasets.load_dataset("imagefolder", data_dir=str(path)), split, spec)
+    if path.suffix.lower() in FILE_BUILDERS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        ds = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **kwargs)
+        return _resolve_paths(ds, cfg.image_column, path.resolve().parent)
+    if path.exists():
+        raise ConfigError(f"{spec}: not a dataset folder or a .csv/.jsonl/.json/.parquet file")
+    return datasets.load_dataset(spec, cfg.dataset_config, split=split)
+
+
+def check_columns(ds: datasets.Dataset, cfg: DataConfig, spec: str) -> datasets.Dataset:
+    """Fail at start, naming the source and the columns that exist, if a column is missing."""
+    for key in ("image_column", "caption_column"):
+        column = getattr(cfg, key)
+        if column not in ds.column_names:
+            raise ConfigError(f"{spec}: no column '{column}' (data.{key}); columns are: "
+                              f"{', '.join(ds.column_names)}")
+    if len(ds) == 0:
+        raise ConfigError(f"{spec}: the dataset has no rows")
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        # decode ourselves, lazily, so that one corrupt file is skipped instead of crashing
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    return ds
+
+
+def load_image(value: Any) -> Image.Image:
+    """An image cell (path, {"bytes", "path"} dict, or PIL image) -> an RGB PIL image.
+
+    Transparent images are composited on white (emoji, logos); grayscale, palette, CMYK and
+    16-bit images are converted. Raises on a missing, unreadable or corrupt file.
+    """
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        image = Image.open(io.BytesIO(data)) if data else Image.open(path)
+    elif isinstance(value, (str, os.PathLike)):
+        image = Image.open(value)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise ValueError(f"not an image: {type(value).__name__}")
+    image.load()  # decode now: truncated files fail here, not later
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")  # 16-bit -> 8-bit
+    return image.convert("RGB")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("path") or "<bytes>")
+    return str(value)
+
+
+class Skipped(NamedTuple):
+    row: int
+    source: str  # the file path, or "<bytes>" for embedded images
+    reason: str
+
+
+@dataclass
+class SkipCounter:
+    """Counts unreadable rows once each (a bad row is met again every epoch)."""
+
+    rows: set[int] = field(default_factory=set)
+    examples: list[Skipped] = field(default_factory=list)
+
+    def add(self, items: list[Skipped]) -> None:
+        for item in items:
+            if item.row not in self.rows:
+                self.rows.add(item.row)
+                if len(self.examples) < 10:
+                    self.examples.append(item)
+
+    def summary(self) -> str:
+        lines = [f"skipped {len(self.rows)} unreadable image(s)"]
+        lines += [f"  row {s.row}: {s.source} ({s.reason})" for s in self.examples]
+        return "\n".join(lines)
+
+
+def _captions(cell: Any) -> list[str]:
+    if isinstance(cell, str):
+        cell = [cell]
+    if not isinstance(cell, (list, tuple)):
+        return []
+    return [c.strip() for c in cell if isinstance(c, str) and c.strip()]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Training pairs: (preprocessed image, one caption) per row.
+
+    A row whose image cannot be read or whose caption is empty is replaced by the next readable
+    row (deterministically, so batch shapes stay equal on every rank and resume is exact), and is
+    reported in the item's `skipped` list. With several captions per row one is drawn at random,
+    seeded by (seed, epoch, row) so that the draw does not depend on workers or processes.
+    """
+
+    def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str,
+                 image_processor: Any, seed: int = 0, max_tries: int = 64) -> None:
+        self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
+        self.image_processor, self.seed, self.epoch, self.max_tries = image_processor, seed, 0, max_tries
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load(self, row: int) -> tuple[torch.Tensor, str]:
+        example = self.ds[row]
+        captions = _captions(example[self.caption_column])
+        if not captions:
+            raise ValueError(f"empty or non-text caption {example[self.caption_column]!r}")
+        rng = random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{row}".encode()))
+        image = load_image(example[self.image_column])
+        pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        return pixels, rng.choice(captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[Skipped] = []
+        for attempt in range(self.max_tries):
+            row = (index + attempt) % len(self.ds)
+            try:
+                pixels, caption = self._load(row)
+            except Exception as err:  # any undecodable file must not stop training
+                source = _describe(self.ds[row][self.image_column])
+                skipped.append(Skipped(row, source, f"{type(err).__name__}: {err}"[:200]))
+                continue
+            return {"pixel_values": pixels, "caption": caption, "row": row, "skipped": skipped}
+        raise RuntimeError(f"{self.max_tries} consecutive unreadable rows from row {index}; "
+                           f"first: {skipped[0].source} ({skipped[0].reason})")
+
+
+@dataclass
+class PairCollator:
+    """Stacks pixels and tokenizes the captions of a batch (padded to the longest, truncated)."""
+
+    tokenizer: Any
+    max_length: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        text = self.tokenizer([it["caption"] for it in items], padding="longest", truncation=True,
+                              max_length=self.max_length, return_tensors="pt")
+        batch = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                 "pixel_values": torch.stack([it["pixel_values"] for it in items])}
+        batch["skipped"] = [s for it in items for s in it["skipped"]]
+        return batch
+
+
+def iter_captions(ds: datasets.Dataset, column: str, limit: int = 200_000) -> Iterator[str]:
+    """Captions of the first `limit` rows, for training a tokenizer."""
+    for cell in ds.select_columns([column]).select(range(min(limit, len(ds))))[column]:
+        yield from _captions(cell)

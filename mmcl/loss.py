@@ -1,0 +1,56 @@
+"""Symmetric InfoNCE with negatives shared across all processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows, (world * B, D), keeping the autograd graph; and this rank's index.
+
+    `torch.distributed.nn.functional.all_gather` sums the incoming gradients over ranks in its
+    backward. Together with DDP's gradient *averaging* this gives exactly the gradient of the
+    global-batch loss: see `ClipLoss`. (`accelerator.gather` carries no gradient.)
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features), dim=0), dist.get_rank()
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP): the mean of image->text and text->image cross-entropy over
+    cosine similarities scaled by exp(logit_scale).
+
+    With several processes, each rank gathers every rank's embeddings *with gradient* and
+    computes only its own rows against the global batch ("local loss", as open_clip):
+    logits_per_image is (B_local, B_global) and the targets are offset by rank * B_local.
+    Each rank's loss is the mean over its own rows, so the mean over ranks equals the loss of one
+    process on the whole global batch. Gradients: the all_gather backward sums each rank's
+    contributions to every rank's embeddings, and DDP averages the per-rank gradients, so N
+    processes with batch b take the same step as 1 process with batch N*b
+    (tests/test_distributed.py checks this to 1e-5).
+
+    Inputs: image_embeds (B, D), text_embeds (B, D), both unit norm, row i of each a pair;
+    logit_scale, a scalar tensor (the log of the inverse temperature).
+    Returns the scalar loss of this rank.
+
+    References: Radford et al. 2021 (CLIP); open_clip's ClipLoss (local_loss, gather_with_grad).
+    """
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+        # The softmax runs in float32 even under bf16 autocast.
+        image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+        all_images, rank = gather_with_grad(image_embeds)
+        all_texts, _ = gather_with_grad(text_embeds)
+        scale = logit_scale.float().exp()
+        logits_per_image = scale * image_embeds @ all_texts.T  # (B, world * B)
+        logits_per_text = scale * text_embeds @ all_images.T  # (B, world * B)
+        batch = image_embeds.shape[0]
+        targets = torch.arange(batch, device=image_embeds.device) + rank * batch
+        return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2

@@ -1,0 +1,244 @@
+"""The training loop: one loop, through Accelerate, for one CPU or many GPUs.
+
+prepare -> accumulate -> forward -> ClipLoss -> backward -> clip_grad_norm_ -> step ->
+clamp temperature -> schedule -> log / evaluate / checkpoint. The rules of training dynamics
+(weight decay groups, temperature clamp, freezing) are here and in `mmcl.model`, nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, TrainConfig
+from .data import PairCollator, PairDataset, SkipCounter, check_columns, iter_captions, load_source
+from .evaluation import retrieval_evaluation
+from .logging_utils import build_trackers, flatten, progress_bar
+from .loss import ClipLoss
+from .model import DualEncoder, build_model
+from .processing import build_image_processor, build_tokenizer, fit_text_config, load_processors
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    return Accelerator(
+        # with no GPU (or other accelerator), torchrun / accelerate launch run gloo on the CPU
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=build_trackers(cfg.report_to, Path(cfg.output_dir)),
+        project_dir=cfg.output_dir,
+        # the same shuffled order on every rank and in every run with the same seed: exact resume
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # the schedule counts optimizer steps of the global batch, whatever the number of processes
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
+    )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; biases, norms and logit_scale (every parameter of dim < 2) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
+    if cfg.lr_scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
+
+
+def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: bool,
+                     accelerator: Accelerator) -> tuple[Any, Any]:
+    """Tokenizer and image processor, saved to `<output_dir>/processor` by the main process.
+
+    Tokenizer training is not deterministic (ties between merges), so it runs once, on the main
+    process; the other processes, and a resumed run, load what it saved.
+    """
+    saved = output_dir / "processor"
+    with accelerator.main_process_first():
+        if (resuming or not accelerator.is_main_process) and (saved / "tokenizer_config.json").is_file():
+            return load_processors(saved)
+        tokenizer = build_tokenizer(config.model, iter_captions(train_ds, config.data.caption_column))
+        image_processor = build_image_processor(config.model)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(saved)
+            image_processor.save_pretrained(saved)
+    return tokenizer, image_processor
+
+
+def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any) -> torch.utils.data.DataLoader:
+    dataset = PairDataset(train_ds, config.data.image_column, config.data.caption_column,
+                          image_processor, seed=config.train.seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.train.per_device_batch_size, shuffle=True, drop_last=True,
+        collate_fn=PairCollator(tokenizer, config.model.max_text_length),
+        num_workers=config.data.num_workers, persistent_workers=False)
+
+
+def load_datasets(config: Config, accelerator: Accelerator) -> tuple[Any, Any]:
+    data = config.data
+    with accelerator.main_process_first():  # a built-in dataset is built once, then read
+        train_ds = check_columns(load_source(data.train, data.train_split, data), data, data.train)
+        val_ds = None
+        if data.validation:
+            val_ds = check_columns(load_source(data.validation, data.validation_split, data), data, data.validation)
+            if data.max_validation_samples:
+                val_ds = val_ds.select(range(min(data.max_validation_samples, len(val_ds))))
+    return train_ds, val_ds
+
+
+class Trainer:
+    """Holds what the loop needs; `train()` below is the entry point."""
+
+    def __init__(self, config: Config) -> None:
+        self.config, tcfg = config, config.train
+        self.output_dir = Path(tcfg.output_dir)
+        self.accelerator = acc = build_accelerator(tcfg)
+        set_seed(tcfg.seed)
+        self.train_ds, self.val_ds = load_datasets(config, acc)
+        resume_dir = ckpt.resolve_resume(tcfg.resume, self.output_dir)
+        self.tokenizer, self.image_processor = build_processors(
+            config, self.train_ds, self.output_dir, resume_dir is not None, acc)
+        fit_text_config(config.model, self.tokenizer)
+        set_seed(tcfg.seed)  # the same initial weights whatever happened before
+        model = build_model(config.model)
+        optimizer = build_optimizer(model, tcfg)
+        self.scheduler = build_scheduler(optimizer, tcfg)
+        loader = build_train_loader(config, self.train_ds, self.tokenizer, self.image_processor)
+        self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        acc.register_for_checkpointing(self.scheduler)
+        self.loss_fn = ClipLoss()
+        self.skipped = SkipCounter()
+        self.steps_per_epoch = math.ceil(len(self.loader) / tcfg.gradient_accumulation_steps)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{config.data.train}: {len(self.train_ds)} rows is less than one global batch "
+                              f"({tcfg.per_device_batch_size} x {acc.num_processes} processes); lower "
+                              "train.per_device_batch_size")
+        self.step = 0
+        if resume_dir is not None:
+            self.step = ckpt.load(acc, resume_dir, self.skipped)
+
+    @property
+    def unwrapped(self) -> DualEncoder:
+        return self.accelerator.unwrap_model(self.model)
+
+    def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One micro-batch; returns the loss and, on an optimizer step, the gradient norm."""
+        acc, grad_norm = self.accelerator, None
+        self.skipped.add(batch.pop("skipped"))
+        with acc.accumulate(self.model):
+            out = self.model(**batch)  # through the prepared model: DDP hooks live there
+            loss = self.loss_fn(out.image_embeds, out.text_embeds, out.logit_scale)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                max_norm = self.config.train.max_grad_norm or float("inf")
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), grad_norm
+
+    def batches(self) -> Any:
+        """Batches from the current step on, epoch after epoch (resume skips what was consumed)."""
+        accum = self.config.train.gradient_accumulation_steps
+        epoch, done = divmod(self.step, self.steps_per_epoch)
+        while True:
+            self.loader.set_epoch(epoch)
+            self.loader.dataset.set_epoch(epoch)
+            loader = self.accelerator.skip_first_batches(self.loader, done * accum) if done else self.loader
+            yield from loader
+            epoch, done = epoch + 1, 0
+
+    def evaluate(self) -> dict[str, float]:
+        if self.val_ds is None:
+            return {}
+        e, m = self.config.eval, self.config.model
+        metrics = retrieval_evaluation(
+            self.model, self.val_ds, self.config.data.image_column, self.config.data.caption_column,
+            self.tokenizer, self.image_processor, self.accelerator,
+            max_length=m.max_text_length, batch_size=e.batch_size, ks=e.retrieval_ks)
+        metrics = {f"val/{k}": v for k, v in metrics.items()}
+        self.accelerator.log(metrics, step=self.step)
+        self.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "R@" in k))
+        return metrics
+
+    def run(self) -> dict[str, float]:
+        tcfg, acc = self.config.train, self.accelerator
+        acc.init_trackers("mmcl", config=flatten(self.config.to_dict()))
+        bar = progress_bar(tcfg, acc, initial=self.step)
+        window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        start = time.perf_counter()
+        batches = self.batches()
+        while self.step < tcfg.max_steps:
+            loss, grad_norm = self.training_step(next(batches))
+            window_loss += loss.item() / tcfg.gradient_accumulation_steps
+            if grad_norm is None:
+                continue
+            self.unwrapped.clamp_logit_scale()
+            self.scheduler.step()
+            self.step += 1
+            window_steps += 1
+            bar.update(1)
+            if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs = self.health(window_loss / window_steps, grad_norm, window_steps, elapsed)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()})
+                acc.log(logs, step=self.step)
+                window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.max_steps:
+                self.evaluate()
+            if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
+                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped)
+        bar.close()
+        return self.finish(time.perf_counter() - start)
+
+    def health(self, loss: float, grad_norm: torch.Tensor, steps: int, elapsed: float) -> dict[str, float]:
+        """Cheap signals logged every `log_every` steps, averaged over processes where it matters."""
+        acc, tcfg = self.accelerator, self.config.train
+        loss = acc.reduce(torch.tensor(loss, device=acc.device), reduction="mean").item()
+        samples = steps * tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * acc.num_processes
+        return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+                "train/temperature": math.exp(-self.unwrapped.logit_scale.item()),
+                "train/grad_norm": float(grad_norm), "train/samples_per_s": samples / max(elapsed, 1e-9)}
+
+    def finish(self, wall_s: float) -> dict[str, float]:
+        acc = self.accelerator
+        metrics = self.evaluate()
+        skipped = acc.gather_for_metrics([sorted(self.skipped.rows)], use_gather_object=True)
+        n_skipped = len({row for rows in skipped for row in rows})
+        metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s,
+                        "train/skipped_images": float(n_skipped)})
+        if n_skipped:
+            acc.print(self.skipped.summary())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = self.output_dir / "final"
+            ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, final)
+            with open(self.output_dir / "metrics.json", "w", encoding="utf-8") as f:
+                json.dump(metrics, f, indent=2)
+            acc.print(f"saved the model to {final} and metrics to {self.output_dir / 'metrics.json'}")
+        acc.end_training()
+        return metrics
+
+
+def train(config: Config) -> dict[str, float]:
+    """Train the model `config` describes; returns the final metrics (also in metrics.json)."""
+    return Trainer(config).run()
+
+
+def dump_config(config: Config, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -1,0 +1,82 @@
+"""End-to-end training on the built-in emoji data: outputs, exact resume, safe checkpoints."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from mmcl.checkpoint import STATE_NAME, checkpoints, resolve_resume
+from mmcl.config import load_config
+from mmcl.train import train
+from tests.conftest import DEBUG_CONFIG
+
+
+def debug_config(tmp_path, emoji_cache, *overrides):
+    return load_config(DEBUG_CONFIG, [f"--train.output_dir={tmp_path}", f"--data.cache_dir={emoji_cache}",
+                                      "--train.progress_bar=false", *overrides])
+
+
+def test_debug_run_writes_model_metrics_and_logs(tmp_path, emoji_cache):
+    metrics = train(debug_config(tmp_path, emoji_cache))
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "final" / "tokenizer.json").is_file()
+    assert (tmp_path / "final" / "preprocessor_config.json").is_file()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in ("val/image_to_text_R@1", "val/text_to_image_R@5", "train/steps"):
+        assert key in saved
+    logs = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    trained = [entry for entry in logs if "train/loss" in entry]
+    assert [entry["step"] for entry in trained] == [2, 4, 6]
+    for key in ("train/lr", "train/temperature", "train/grad_norm", "train/samples_per_s"):
+        assert key in trained[0]
+    assert [p.name for p in checkpoints(tmp_path)] == ["step-00000003", "step-00000006"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji):
+    """6 steps, a fresh process resuming from the step-3 checkpoint, 3 more: the same weights as
+    6 uninterrupted steps. 96 rows / batch 16 = 6 steps an epoch with 2-step accumulation: 3
+    optimizer steps an epoch, so the resume starts a new epoch's shuffled order mid-run."""
+    common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=6",
+              "--train.checkpoint_every=3", "--train.gradient_accumulation_steps=2",
+              "--train.per_device_batch_size=16", "--train.keep_last=0"]
+    full = tmp_path / "full"
+    train(debug_config(full, emoji_cache, *common))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    shutil.copytree(full / "processor", resumed / "processor")
+    train(debug_config(resumed, emoji_cache, *common, "--train.resume=latest"))
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).abs().max().item() < 1e-6, name
+    # and the run did move: step 3 differs from the end
+    mid = load_file(full / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert any((mid[n] - a[n]).abs().max() > 1e-4 for n in a)
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    good = tmp_path / "checkpoints" / "step-00000010"
+    good.mkdir(parents=True)
+    (good / STATE_NAME).write_text(json.dumps({"step": 10}))
+    (tmp_path / "checkpoints" / ".tmp-step-00000020").mkdir()  # crash while writing
+    (tmp_path / "checkpoints" / "step-00000030").mkdir()  # no state file: incomplete
+    assert resolve_resume("latest", tmp_path) == good
+    assert resolve_resume("latest", tmp_path / "nothing-yet") is None
+    with pytest.raises(ValueError, match="not a complete mmcl checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoints" / "step-00000030"), tmp_path)
+
+
+def test_temperature_is_clamped(tmp_path, emoji_cache, small_emoji):
+    import math
+
+    from mmcl.model import DualEncoder
+
+    train(debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null",
+                       "--model.init_temperature=0.001", "--train.max_steps=2", "--train.checkpoint_every=0"))
+    model = DualEncoder.from_pretrained(tmp_path / "final")
+    # started at ln(1000) = 6.9; one clamp to ln(100), then at most two tiny Adam moves
+    assert math.log(100.0) - 0.01 < model.logit_scale.item() <= math.log(100.0) + 1e-6
