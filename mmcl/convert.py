@@ -13,24 +13,18 @@ from .model import CONFIG_NAME, DualEncoder, DualEncoderConfig
 def load_clip_format(name: str, cfg: ModelConfig) -> DualEncoder:
     """Start from an mmcl folder, a `CLIPModel` or a `VisionTextDualEncoderModel` (folder or Hub id).
 
-    CLIP's towers are wrapped as `CLIPTextModel` / `CLIPVisionModel` so that their
-    `pooler_output` (EOS token / CLS after the post-norm) is what CLIP itself projects.
+    Their towers (`CLIPTextModel` / `CLIPVisionModel`, or any pair) project `pooler_output`
+    (CLIP: the EOS token / the post-normed CLS), so the dual encoder uses pooling "pooler".
     """
     if (Path(name) / CONFIG_NAME).is_file():
         return DualEncoder.from_pretrained(name).train()
     config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     source = AutoModel.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    if config.model_type == "clip":
-        from transformers import CLIPTextModel, CLIPVisionModel
-
-        text, vision = CLIPTextModel(config.text_config), CLIPVisionModel(config.vision_config)
-        text.text_model.load_state_dict(source.text_model.state_dict())
-        vision.vision_model.load_state_dict(source.vision_model.state_dict())
-    elif config.model_type == "vision-text-dual-encoder":
-        text, vision = source.text_model, source.vision_model
-    else:
+    if config.model_type not in ("clip", "vision-text-dual-encoder"):
         raise ValueError(f"{name} is a '{config.model_type}' model; init_from takes an mmcl folder, "
                          "a CLIPModel or a VisionTextDualEncoderModel")
+    # both hold full tower models whose pooler_output is what they project
+    text, vision = source.text_model, source.vision_model
     dual = DualEncoder(DualEncoderConfig(
         text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
         text_pooling="pooler", vision_pooling="pooler",

@@ -36,7 +36,7 @@ def _pick_split(dsd: datasets.DatasetDict, split: str, spec: str) -> datasets.Da
 
 def _resolve_paths(ds: datasets.Dataset, column: str, base: Path) -> datasets.Dataset:
     """Relative image paths in a csv/json/parquet file are relative to that file, not to the cwd."""
-    if column not in ds.column_names or ds.features[column].dtype != "string":
+    if column not in ds.column_names or ds.features[column].dtype not in ("string", "large_string"):
         return ds
 
     def resolve(batch: dict[str, list]) -> dict[str, list]:

@@ -1,0 +1,107 @@
+"""The dual encoder: round trip, pooling, freezing, and starting from CLIP-format checkpoints."""
+
+import math
+import re
+
+import pytest
+import torch
+from transformers import (BertConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, ViTConfig,
+                          VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+
+from mmcl.config import ModelConfig
+from mmcl.model import DualEncoder, DualEncoderConfig, build_model, pool
+
+TEXT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 32}
+VISION = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "intermediate_size": 64, "image_size": 16, "patch_size": 4}
+
+
+def batch(n=3):
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(5, 100, (n, 7), generator=g),
+            "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5][:n]),
+            "pixel_values": torch.randn(n, 3, 16, 16, generator=g)}
+
+
+@pytest.mark.parametrize("text_pooling, vision_pooling", [("pooler", "pooler"), ("mean", "cls"), ("cls", "mean")])
+def test_save_load_round_trip_is_exact(tmp_path, text_pooling, vision_pooling):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(text_config=dict(TEXT), vision_config=dict(VISION), projection_dim=8,
+                                    text_pooling=text_pooling, vision_pooling=vision_pooling)).eval()
+    before = model(**batch())
+    assert before.text_embeds.shape == before.image_embeds.shape == (3, 8)
+    assert torch.allclose(before.text_embeds.norm(dim=-1), torch.ones(3))
+    assert before.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    model.save_pretrained(tmp_path)
+    after = DualEncoder.from_pretrained(tmp_path)(**batch())
+    assert torch.equal(before.text_embeds, after.text_embeds)
+    assert torch.equal(before.image_embeds, after.image_embeds)
+
+
+def test_masked_mean_ignores_padding():
+    class Out:
+        last_hidden_state = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    got = pool(Out(), torch.tensor([[1, 1, 0]]), "mean")
+    assert torch.equal(got, torch.tensor([[2.0, 3.0]]))
+    assert torch.equal(pool(Out(), None, "cls"), torch.tensor([[1.0, 2.0]]))
+
+
+def test_lock_vision_unlock_last_layer():
+    cfg = ModelConfig(text_config=dict(TEXT), vision_config=dict(VISION), projection_dim=8,
+                      lock_vision=True, unlock_vision_layers=1, lock_text=True)
+    model = build_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("text_model.") for n in trainable)
+    assert any(re.search(r"\.layers?\.1\.", n) for n in trainable if n.startswith("vision_model."))
+    assert not any(re.search(r"\.layers?\.0\.", n) for n in trainable)
+    assert not any(n.startswith("vision_model.embeddings.") for n in trainable)
+    assert "vision_model.layernorm.weight" in trainable  # what follows the unlocked block
+    assert {"logit_scale", "text_projection.weight", "visual_projection.weight"} <= trainable
+    model.train()
+    assert not model.text_model.training and model.vision_model.training
+
+
+def test_clamp_logit_scale():
+    model = DualEncoder(DualEncoderConfig(TEXT, VISION, projection_dim=8, init_temperature=1e-4))
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def _clip(tmp_path):
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=CLIPTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=64, vocab_size=100, eos_token_id=3,
+                                                   max_position_embeddings=32).to_dict(),
+                        vision_config=CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                       intermediate_size=64, image_size=16, patch_size=4).to_dict(),
+                        projection_dim=8)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _vtde(tmp_path):
+    torch.manual_seed(0)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        ViTConfig(**{k: v for k, v in VISION.items() if k != "model_type"}),
+        BertConfig(**{k: v for k, v in TEXT.items() if k != "model_type"}), projection_dim=8)
+    model = VisionTextDualEncoderModel(config).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("make", [_clip, _vtde])
+def test_init_from_clip_format_matches_the_source(tmp_path, make):
+    source = make(tmp_path)
+    model = build_model(ModelConfig(init_from=str(tmp_path))).eval()
+    b = batch()
+    with torch.no_grad():
+        ref_text = source.get_text_features(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        ref_image = source.get_image_features(pixel_values=b["pixel_values"])
+        ref_text = getattr(ref_text, "pooler_output", ref_text)
+        ref_image = getattr(ref_image, "pooler_output", ref_image)
+        ours = model(**b)
+    assert torch.allclose(ours.text_embeds, torch.nn.functional.normalize(ref_text, dim=-1), atol=1e-5)
+    assert torch.allclose(ours.image_embeds, torch.nn.functional.normalize(ref_image, dim=-1), atol=1e-5)
+    assert ours.logit_scale.item() == pytest.approx(source.logit_scale.item())
