@@ -86,8 +86,10 @@ def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter) -> int:
     return int(state["step"])
 
 
-def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config, final: Path) -> None:
-    """The trained model with its tokenizer, image processor and resolved config, atomically."""
+def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config, final: Path,
+               info: dict[str, Any] | None = None) -> None:
+    """The trained model with its tokenizer, image processor and resolved config, atomically;
+    `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`."""
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -95,4 +97,7 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config,
     image_processor.save_pretrained(tmp)
     with open(tmp / "mmcl_training_config.yaml", "w", encoding="utf-8") as f:
         yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    if info:
+        with open(tmp / "mmcl_info.json", "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
     _replace_dir(tmp, final)

@@ -19,6 +19,61 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    import dataclasses
+    import json
+
+    from .config import DataConfig, EvalConfig, EvalSpec, build_section
+
+    if overrides:
+        raise SystemExit(f"mmcl eval: unknown arguments {overrides}; see mmcl eval --help")
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(EvalSpec)}
+    given = {k: v for k, v in given.items() if v is not None}
+    spec = build_section(EvalSpec, given, "eval")
+    cfg = build_section(EvalConfig, {"batch_size": args.batch_size, "chunk_size": args.chunk_size,
+                                "retrieval_ks": args.ks}, "eval")
+    from .evaluation import evaluate_model, format_results
+
+    results = evaluate_model(args.model, spec, cfg, DataConfig(cache_dir=args.cache_dir))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # every rank has the gathered results; one reports them
+        return 0
+    confusion = results.pop("confusion", None)
+    print(format_results(f"{spec.task} on {spec.dataset} ({spec.split})", results))
+    if spec.confusion_matrix and confusion is not None:
+        from .plots import save_confusion_png
+
+        save_confusion_png(confusion, list(results["per_class_accuracy"]), spec.confusion_matrix)
+        print(f"confusion matrix: {spec.confusion_matrix}")
+    if args.output:
+        record = {"model": args.model, "eval": dataclasses.asdict(spec), "results": results}
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        print(f"results: {args.output}")
+    return 0
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    import dataclasses
+
+    from .config import EvalSpec
+
+    parser = sub.add_parser("eval", help="zero-shot classification or retrieval of a model on a dataset",
+                            description="mmcl eval MODEL --dataset SPEC [--task zero_shot|retrieval] ...; MODEL is an "
+                                        "mmcl folder or a CLIPModel / SiglipModel / VisionTextDualEncoderModel folder or Hub id.")
+    parser.add_argument("model")
+    for f in dataclasses.fields(EvalSpec):  # every EvalSpec key is a flag: --label-column, --templates, ...
+        if f.name != "every":
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, help=f"(default: {f.default})")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--ks", default="[1, 5, 10]", help="retrieval R@k list")
+    parser.add_argument("--cache-dir", default=None, help="where built-in datasets are cached")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.set_defaults(func=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="Train and evaluate CLIP-style image–text models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "with no config, configs/quickstart.yaml (built-in emoji data).")
     train.add_argument("config", nargs="?", default=None, help="YAML config (default: the quickstart)")
     train.set_defaults(func=_train)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -38,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, overrides)
     except ConfigError as err:
-        print(f"mmcl: config error: {err}", file=sys.stderr)
+        print(f"mmcl: error: {err}", file=sys.stderr)
         return 2
 
 

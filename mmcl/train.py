@@ -20,9 +20,9 @@ from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, TrainConfig
+from .config import Config, ConfigError, EvalSpec, TrainConfig
 from .data import PairCollator, PairDataset, SkipCounter, check_columns, iter_captions, load_source
-from .evaluation import retrieval_evaluation
+from .evaluation import load_eval_dataset, run_eval, scalars
 from .logging_utils import build_trackers, flatten, progress_bar
 from .loss import ClipLoss
 from .model import DualEncoder, build_model
@@ -89,16 +89,44 @@ def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_proc
         num_workers=config.data.num_workers, persistent_workers=False)
 
 
-def load_datasets(config: Config, accelerator: Accelerator) -> tuple[Any, Any]:
+def load_train_dataset(config: Config, accelerator: Accelerator) -> Any:
     data = config.data
     with accelerator.main_process_first():  # a built-in dataset is built once, then read
-        train_ds = check_columns(load_source(data.train, data.train_split, data), data, data.train)
-        val_ds = None
-        if data.validation:
-            val_ds = check_columns(load_source(data.validation, data.validation_split, data), data, data.validation)
-            if data.max_validation_samples:
-                val_ds = val_ds.select(range(min(data.max_validation_samples, len(val_ds))))
-    return train_ds, val_ds
+        return check_columns(load_source(data.train, data.train_split, data), data, data.train)
+
+
+def eval_specs(config: Config) -> dict[str, EvalSpec]:
+    """`data.validation` as the retrieval eval named "val", plus the named `eval.sets`."""
+    data, specs = config.data, {}
+    if data.validation:
+        specs["val"] = EvalSpec(task="retrieval", dataset=data.validation, split=data.validation_split,
+                                dataset_config=data.dataset_config, image_column=data.image_column,
+                                caption_column=data.caption_column, every=config.train.eval_every,
+                                max_samples=data.max_validation_samples)
+    specs.update(config.eval.sets)
+    return specs
+
+
+def load_eval_datasets(config: Config, accelerator: Accelerator) -> dict[str, tuple[EvalSpec, Any]]:
+    """Every evaluation's data, loaded at start so that a bad column fails before training."""
+    with accelerator.main_process_first():
+        return {name: (spec, load_eval_dataset(spec, config.data)) for name, spec in eval_specs(config).items()}
+
+
+def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: ClipLoss,
+                  optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+                  max_grad_norm: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch; returns its loss and, when the optimizer stepped, the gradient norm."""
+    grad_norm = None
+    with accelerator.accumulate(model):
+        out = model(**batch)  # through the prepared model: DDP's hooks live in its forward
+        loss = loss_fn(out.image_embeds, out.text_embeds, out.logit_scale)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
 
 
 class Trainer:
@@ -109,7 +137,9 @@ class Trainer:
         self.output_dir = Path(tcfg.output_dir)
         self.accelerator = acc = build_accelerator(tcfg)
         set_seed(tcfg.seed)
-        self.train_ds, self.val_ds = load_datasets(config, acc)
+        self.train_ds = load_train_dataset(config, acc)
+        self.evals = load_eval_datasets(config, acc)
+        self.best: float | None = None
         resume_dir = ckpt.resolve_resume(tcfg.resume, self.output_dir)
         self.tokenizer, self.image_processor = build_processors(
             config, self.train_ds, self.output_dir, resume_dir is not None, acc)
@@ -137,19 +167,9 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One micro-batch; returns the loss and, on an optimizer step, the gradient norm."""
-        acc, grad_norm = self.accelerator, None
         self.skipped.add(batch.pop("skipped"))
-        with acc.accumulate(self.model):
-            out = self.model(**batch)  # through the prepared model: DDP hooks live there
-            loss = self.loss_fn(out.image_embeds, out.text_embeds, out.logit_scale)
-            acc.backward(loss)
-            if acc.sync_gradients:
-                max_norm = self.config.train.max_grad_norm or float("inf")
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach(), grad_norm
+        return training_step(self.accelerator, self.model, self.loss_fn, self.optimizer, batch,
+                             self.config.train.max_grad_norm)
 
     def batches(self) -> Any:
         """Batches from the current step on, epoch after epoch (resume skips what was consumed)."""
@@ -162,18 +182,35 @@ class Trainer:
             yield from loader
             epoch, done = epoch + 1, 0
 
-    def evaluate(self) -> dict[str, float]:
-        if self.val_ds is None:
-            return {}
-        e, m = self.config.eval, self.config.model
-        metrics = retrieval_evaluation(
-            self.model, self.val_ds, self.config.data.image_column, self.config.data.caption_column,
-            self.tokenizer, self.image_processor, self.accelerator,
-            max_length=m.max_text_length, batch_size=e.batch_size, ks=e.retrieval_ks)
-        metrics = {f"val/{k}": v for k, v in metrics.items()}
-        self.accelerator.log(metrics, step=self.step)
-        self.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "R@" in k))
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        """The evaluations due at this step (all of them when `final`), logged as `<name>/<metric>`."""
+        metrics: dict[str, float] = {}
+        for name, (spec, ds) in self.evals.items():
+            if not (final or (spec.every and self.step % spec.every == 0)):
+                continue
+            results = run_eval(self.unwrapped, ds, spec, self.tokenizer, self.image_processor, self.accelerator,
+                               self.config.eval, max_length=self.config.model.max_text_length)
+            metrics.update(scalars(name, results))
+        if metrics:
+            self.accelerator.log(metrics, step=self.step)
+            self.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                            if "R@" in k or "top" in k or "recall" in k))
+            self.keep_best(metrics)
         return metrics
+
+    def keep_best(self, metrics: dict[str, float]) -> None:
+        """Save the model to <output_dir>/best when `eval.best_metric` improves."""
+        key, mode = self.config.eval.best_metric, self.config.eval.best_mode
+        if not key or key not in metrics:
+            return
+        value = metrics[key]
+        if self.best is not None and (value <= self.best if mode == "max" else value >= self.best):
+            return
+        self.best = value
+        if self.accelerator.is_main_process:
+            ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, self.output_dir / "best",
+                            info={"step": self.step, "metric": key, "value": value})
+        self.accelerator.wait_for_everyone()
 
     def run(self) -> dict[str, float]:
         tcfg, acc = self.config.train, self.accelerator
@@ -198,7 +235,7 @@ class Trainer:
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()})
                 acc.log(logs, step=self.step)
                 window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-            if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.max_steps:
+            if self.step < tcfg.max_steps:
                 self.evaluate()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
                 ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped)
@@ -216,7 +253,7 @@ class Trainer:
 
     def finish(self, wall_s: float) -> dict[str, float]:
         acc = self.accelerator
-        metrics = self.evaluate()
+        metrics = self.evaluate(final=True)
         skipped = acc.gather_for_metrics([sorted(self.skipped.rows)], use_gather_object=True)
         n_skipped = len({row for rows in skipped for row in rows})
         metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s,

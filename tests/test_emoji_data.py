@@ -136,3 +136,13 @@ def test_bad_arguments_are_rejected(tmp_path: Path, kwargs: dict) -> None:
 
 def test_attribution_is_re_exported() -> None:
     assert "OpenMoji" in emoji_data.ATTRIBUTION and "CC BY-SA 4.0" in emoji_data.ATTRIBUTION
+
+
+def test_skin_tone_variants_stay_on_one_side(emoji_set: datasets.DatasetDict) -> None:
+    def base(text: str) -> str:
+        return "".join(ch for ch in text if not 0x1F3FB <= ord(ch) <= 0x1F3FF)
+
+    train = {base(e) for e in emoji_set["train"]["emoji"]}
+    validation = {base(e) for e in emoji_set["validation"]["emoji"]}
+    assert train.isdisjoint(validation)
+    assert any(base(e) != e for e in emoji_set["validation"]["emoji"])  # the case does occur

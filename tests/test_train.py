@@ -18,15 +18,20 @@ def debug_config(tmp_path, emoji_cache, *overrides):
 
 
 def test_debug_run_writes_model_metrics_and_logs(tmp_path, emoji_cache):
-    metrics = train(debug_config(tmp_path, emoji_cache))
+    zs = "{zs: {task: zero_shot, dataset: 'builtin:emoji', label_column: name, max_samples: 40, every: 3}}"
+    metrics = train(debug_config(tmp_path, emoji_cache, f"--eval.sets={zs}", "--eval.best_metric=zs/top1"))
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert (tmp_path / "final" / "tokenizer.json").is_file()
     assert (tmp_path / "final" / "preprocessor_config.json").is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ("val/image_to_text_R@1", "val/text_to_image_R@5", "train/steps"):
+    for key in ("val/image_to_text_R@1", "val/text_to_image_R@5", "train/steps", "zs/top1", "zs/mean_per_class_recall"):
         assert key in saved
+    best = json.loads((tmp_path / "best" / "mmcl_info.json").read_text())
+    assert best["metric"] == "zs/top1" and best["step"] in (3, 6)
+    assert (tmp_path / "best" / "model.safetensors").is_file()
     logs = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logs if "zs/top1" in entry] == [3, 6]  # every 3 steps, and the end
     trained = [entry for entry in logs if "train/loss" in entry]
     assert [entry["step"] for entry in trained] == [2, 4, 6]
     for key in ("train/lr", "train/temperature", "train/grad_norm", "train/samples_per_s"):
