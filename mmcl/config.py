@@ -129,6 +129,7 @@ class EvalSpec:
     dataset_config: str | None = None
     image_column: str = "image"
     caption_column: str = "caption"
+    image_id_column: str | None = None  # retrieval: rows sharing this id are one image with several captions
     label_column: str = "label"
     class_names: str | list[str] | None = None
     templates: str = "simple"  # simple | ensemble | name | a file with one template per line

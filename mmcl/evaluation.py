@@ -102,8 +102,8 @@ def retrieval_evaluation(model: Any, ds: datasets.Dataset, spec: EvalSpec, token
     query is a hit at k if any of its captions is in its top k. Rows with an unreadable image or
     no caption are left out, and counted in `skipped_images`.
     """
-    image_embeds, valid = embed_images(model, ds, spec.image_column, image_processor, accelerator, cfg.batch_size)
-    captions = [_captions(cell) for cell in ds[spec.caption_column]]
+    images, captions = group_captions(ds, spec)
+    image_embeds, valid = embed_images(model, images, spec.image_column, image_processor, accelerator, cfg.batch_size)
     keep = valid & torch.tensor([bool(c) for c in captions])
     texts, text_to_image = [], []
     for image_index, row in enumerate(keep.nonzero().flatten().tolist()):
@@ -117,6 +117,24 @@ def retrieval_evaluation(model: Any, ds: datasets.Dataset, spec: EvalSpec, token
                              ks=tuple(cfg.retrieval_ks), chunk_size=cfg.chunk_size)
     metrics.update(images=float(keep.sum()), texts=float(len(texts)), skipped_images=float((~keep).sum()))
     return metrics
+
+
+def group_captions(ds: datasets.Dataset, spec: EvalSpec) -> tuple[datasets.Dataset, list[list[str]]]:
+    """One row per image, with all of its captions.
+
+    Without `image_id_column` each row is an image (its caption cell may be a list). With it,
+    rows sharing an id are one image: its pixels are read from the first such row and its
+    captions are those of all of them.
+    """
+    captions = [_captions(cell) for cell in ds[spec.caption_column]]
+    if not spec.image_id_column:
+        return ds, captions
+    first: dict[Any, int] = {}
+    grouped: dict[Any, list[str]] = {}
+    for row, image_id in enumerate(ds[spec.image_id_column]):
+        first.setdefault(image_id, row)
+        grouped.setdefault(image_id, []).extend(captions[row])
+    return ds.select(list(first.values())), list(grouped.values())
 
 
 def class_labels(ds: datasets.Dataset, spec: EvalSpec) -> tuple[list[str], torch.Tensor]:
@@ -187,6 +205,7 @@ def load_eval_dataset(spec: EvalSpec, data: DataConfig) -> datasets.Dataset:
                      dataset_config=spec.dataset_config)
     ds = load_source(spec.dataset, spec.split, source)
     needed = [spec.image_column, spec.caption_column if spec.task == "retrieval" else spec.label_column]
+    needed += [spec.image_id_column] if spec.image_id_column and spec.task == "retrieval" else []
     for column in needed:
         if column not in ds.column_names:
             raise ConfigError(f"{spec.dataset}: no column '{column}' for the {spec.task} task; columns are: "

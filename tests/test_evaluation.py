@@ -126,3 +126,23 @@ def test_one_and_two_processes_give_identical_metrics(tmp_path, emoji_cache):
         outputs[nproc] = json.loads(out.read_text())["results"]
     assert outputs[1]["images"] == 37.0
     assert outputs[1] == outputs[2]
+
+
+def test_rows_sharing_an_image_id_equal_a_caption_list(oracle):
+    """COCO-style rows (one caption each, image repeated, an image_id) give exactly the metrics
+    of one row per image with a list of captions."""
+    listed = color_dataset(n_per_class=1)
+    rows = {"image": [], "caption": [], "image_id": []}
+    for i, example in enumerate(listed):
+        for caption in example["caption"]:
+            rows["image"].append(example["image"])
+            rows["caption"].append(caption)
+            rows["image_id"].append(f"img{i}")
+    flat = datasets.Dataset.from_dict(rows)
+    common = (oracle.tokenizer, oracle.image_processor, Accelerator(cpu=True), EvalConfig(batch_size=4), 16)
+    a = run_eval(oracle.encoder, listed, EvalSpec(task="retrieval", dataset="d"), *common)
+    b = run_eval(oracle.encoder, flat, EvalSpec(task="retrieval", dataset="d", image_id_column="image_id"), *common)
+    assert a == b and b["images"] == 6 and b["texts"] == 12
+    # without the id, each row would count as its own image: a different (worse) protocol
+    c = run_eval(oracle.encoder, flat, EvalSpec(task="retrieval", dataset="d"), *common)
+    assert c["images"] == 12 and c["text_to_image_R@1"] < 1.0
