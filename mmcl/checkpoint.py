@@ -54,14 +54,19 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter) -> Path:
-    """Write the full training state (model, optimizer, scheduler, RNG) at `step`, atomically."""
+def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter,
+         stream: Any = None) -> Path:
+    """Write the full training state (model, optimizer, scheduler, RNG, and each process's
+    position in a training stream) at `step`, atomically."""
     folder = output_dir / "checkpoints"
     final, tmp = folder / f"step-{step:08d}", folder / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if stream is not None:  # every process is at its own place in the stream
+        with open(tmp / f"stream_state_{accelerator.process_index}.json", "w", encoding="utf-8") as f:
+            json.dump(stream.state_dict(), f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "skipped_rows": sorted(skipped.rows),
@@ -75,9 +80,16 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
     return final
 
 
-def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter) -> int:
+def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: Any = None) -> int:
     """Restore the training state; returns the step to continue from."""
     accelerator.load_state(str(folder))
+    if stream is not None:
+        path = folder / f"stream_state_{accelerator.process_index}.json"
+        if not path.is_file():
+            raise ConfigError(f"train.resume: {folder} has no stream position for process "
+                              f"{accelerator.process_index} (was it saved with another number of processes?)")
+        with open(path, encoding="utf-8") as f:
+            stream.load_state_dict(json.load(f))
     with open(folder / STATE_NAME, encoding="utf-8") as f:
         state = json.load(f)
     skipped.rows.update(state["skipped_rows"])

@@ -78,10 +78,20 @@ class DataConfig:
     dataset_config: str | None = None  # the Hub dataset's config name
     image_column: str = "image"
     caption_column: str = "caption"
+    # Worker processes decoding images (threads when streaming). 0: decode in the main process.
     num_workers: int = 0
+    # Stream `train` (WebDataset .tar shards: a folder, a glob or a file; or a Hub dataset)
+    # instead of loading it; shuffled through a buffer of `shuffle_buffer` examples.
+    streaming: bool = False
+    shuffle_buffer: int = 1000
     cache_dir: str | None = None  # where built-in datasets are cached; default ~/.cache/mmcl
     emoji_image_size: int = 64
     max_validation_samples: int | None = None
+    # Training-time augmentation (off by default): random resized crop with area fraction in
+    # augment_scale, optional horizontal flip, mild brightness/contrast jitter. See mmcl/augment.py.
+    augment: bool = False
+    augment_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    augment_flip: bool = False
 
 
 @dataclass

@@ -4,6 +4,7 @@ skip (and count) the ones that cannot be read, tokenize captions in the collator
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import random
@@ -49,12 +50,39 @@ def _resolve_paths(ds: datasets.Dataset, column: str, base: Path) -> datasets.Da
 def load_source(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
     """One split of a data source; see `DataConfig` for the accepted forms of `spec`."""
     try:
-        return _load_source(spec, split, cfg)
+        return _load_utf8(spec, split, cfg)
     except ValueError as err:
         # datasets' own words for an empty file are misleading ("Instruction 'train' corresponds to no data")
         if "corresponds to no data" in str(err):
             raise ConfigError(f"{spec}: the dataset has no rows") from err
         raise
+
+
+
+# --- Caption files that are not UTF-8 (a CSV saved as latin-1): name the file, not a traceback ----------
+
+def _load_utf8(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
+    """`_load_source`, with a clear error naming the file when a text file is not UTF-8.
+
+    datasets raises DatasetGenerationError (csv, tsv, an imagefolder's metadata.jsonl) or a bare
+    UnicodeDecodeError (an imagefolder's metadata.csv). pyarrow's JSON reader keeps the invalid bytes
+    and fails only when a row is read, in the middle of training: so JSON tables are validated here.
+    """
+    try:
+        ds = _load_source(spec, split, cfg)
+        if Path(spec).suffix.lower() in (".json", ".jsonl"):
+            ds.data.table.validate(full=True)  # a linear scan; raises ArrowInvalid on bad UTF-8
+        return ds
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+        cause: BaseException | None = err
+        while cause is not None and not (isinstance(cause, UnicodeDecodeError) or "Invalid UTF8" in str(cause)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        path = Path(spec)
+        files = sorted(str(p) for p in path.rglob("metadata.*")) if path.is_dir() else [spec]
+        raise ConfigError(f"{', '.join(files) or spec}: not UTF-8 text ({cause}); mmcl reads text files as "
+                          f"UTF-8: re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 IN > OUT)") from err
 
 
 def _load_source(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
@@ -103,29 +131,41 @@ def check_columns(ds: datasets.Dataset, cfg: DataConfig, spec: str) -> datasets.
     return ds
 
 
+def read_image_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of an image cell (path or {"bytes", "path"} dict); None for a PIL image."""
+    if isinstance(value, dict):
+        return value.get("bytes") or Path(value["path"]).read_bytes()
+    if isinstance(value, (str, os.PathLike)):
+        return Path(value).read_bytes()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, Image.Image):
+        return None
+    raise ValueError(f"not an image: {type(value).__name__}")
+
+
 def load_image(value: Any) -> Image.Image:
-    """An image cell (path, {"bytes", "path"} dict, or PIL image) -> an RGB PIL image.
+    """An image cell (path, {"bytes", "path"} dict, encoded bytes or PIL image) -> an RGB image.
 
     Transparent images are composited on white (emoji, logos); grayscale, palette, CMYK and
-    16-bit images are converted. Raises on a missing, unreadable or corrupt file.
+    16-bit images are converted. Raises on a missing, unreadable or corrupt file, and on one
+    over Pillow's decompression-bomb limit.
     """
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-        image = Image.open(io.BytesIO(data)) if data else Image.open(path)
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
-    elif isinstance(value, Image.Image):
-        image = value
-    else:
-        raise ValueError(f"not an image: {type(value).__name__}")
+    data = read_image_bytes(value)
+    image = value if data is None else Image.open(io.BytesIO(data))
     image.load()  # decode now: truncated files fail here, not later
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         image = image.point(lambda v: v / 256).convert("L")  # 16-bit -> 8-bit
     return image.convert("RGB")
+
+
+def stable_id(data: bytes) -> int:
+    """A 63-bit id of some bytes, the same in every process and run (unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def _describe(value: Any) -> str:
@@ -178,9 +218,10 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str,
-                 image_processor: Any, seed: int = 0, max_tries: int = 64) -> None:
+                 image_processor: Any, seed: int = 0, max_tries: int = 64, augment: Any = None) -> None:
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
         self.image_processor, self.seed, self.epoch, self.max_tries = image_processor, seed, 0, max_tries
+        self.augment = augment  # (PIL image, random.Random) -> PIL image, or None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -188,27 +229,35 @@ class PairDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _load(self, row: int) -> tuple[torch.Tensor, str]:
+    def _load(self, row: int) -> dict[str, Any]:
         example = self.ds[row]
         captions = _captions(example[self.caption_column])
         if not captions:
             raise ValueError(f"empty or non-text caption {example[self.caption_column]!r}")
         rng = random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{row}".encode()))
-        image = load_image(example[self.image_column])
-        pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
-        return pixels, rng.choice(captions)
+        cell = example[self.image_column]
+        data = read_image_bytes(cell)
+        image = load_image(cell if data is None else data)
+        if self.augment is not None:
+            image = self.augment(image, rng)
+        caption = rng.choice(captions)
+        return {"pixel_values": self.image_processor(image, return_tensors="pt")["pixel_values"][0],
+                "caption": caption, "row": row,
+                # the same image file in two rows, or the same caption, is one "thing": see ClipLoss
+                "image_id": stable_id(data if data is not None else f"row:{row}".encode()),
+                "text_id": stable_id(caption.encode("utf-8"))}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         skipped: list[Skipped] = []
         for attempt in range(self.max_tries):
             row = (index + attempt) % len(self.ds)
             try:
-                pixels, caption = self._load(row)
+                item = self._load(row)
             except Exception as err:  # any undecodable file must not stop training
                 source = _describe(self.ds[row][self.image_column])
                 skipped.append(Skipped(row, source, f"{type(err).__name__}: {err}"[:200]))
                 continue
-            return {"pixel_values": pixels, "caption": caption, "row": row, "skipped": skipped}
+            return {**item, "skipped": skipped}
         raise RuntimeError(f"{self.max_tries} consecutive unreadable rows from row {index}; "
                            f"first: {skipped[0].source} ({skipped[0].reason})")
 
@@ -225,6 +274,8 @@ class PairCollator:
                               max_length=self.max_length, return_tensors="pt")
         batch = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
                  "pixel_values": torch.stack([it["pixel_values"] for it in items])}
+        batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+        batch["text_ids"] = torch.tensor([it["text_id"] for it in items], dtype=torch.long)
         batch["skipped"] = [s for it in items for s in it["skipped"]]
         return batch
 

@@ -8,6 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' rows, (world * B, D), keeping the autograd graph; and this rank's index.
 
@@ -15,11 +19,29 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     backward. Together with DDP's gradient *averaging* this gives exactly the gradient of the
     global-batch loss: see `ClipLoss`. (`accelerator.gather` carries no gradient.)
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return features, 0
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(features), dim=0), dist.get_rank()
+
+
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """All ranks' ids, (world * B,); no gradient needed."""
+    if not _distributed():
+        return ids
+    out = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, ids)
+    return torch.cat(out)
+
+
+def duplicate_mask(image_ids: torch.Tensor, text_ids: torch.Tensor, all_image_ids: torch.Tensor,
+                   all_text_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, world * B) True where column j is not a true negative for row i: it shows the same
+    image, or carries the identical caption, as pair i (and is not pair i itself)."""
+    same = (image_ids[:, None] == all_image_ids[None, :]) | (text_ids[:, None] == all_text_ids[None, :])
+    same[torch.arange(len(targets), device=targets.device), targets] = False
+    return same
 
 
 class ClipLoss(nn.Module):
@@ -35,15 +57,20 @@ class ClipLoss(nn.Module):
     processes with batch b take the same step as 1 process with batch N*b
     (tests/test_distributed.py checks this to 1e-5).
 
+    Duplicates: when `image_ids` / `text_ids` are given (one id per example: same image -> same
+    id, identical caption -> same id), a pair whose image or caption also appears elsewhere in the
+    global batch is not pushed away from its twin: those logits are masked out of the softmax.
+
     Inputs: image_embeds (B, D), text_embeds (B, D), both unit norm, row i of each a pair;
-    logit_scale, a scalar tensor (the log of the inverse temperature).
+    logit_scale, a scalar tensor (the log of the inverse temperature); optional image_ids and
+    text_ids, (B,) int64.
     Returns the scalar loss of this rank.
 
     References: Radford et al. 2021 (CLIP); open_clip's ClipLoss (local_loss, gather_with_grad).
     """
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                image_ids: torch.Tensor | None = None, text_ids: torch.Tensor | None = None) -> torch.Tensor:
         # The softmax runs in float32 even under bf16 autocast.
         image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
         all_images, rank = gather_with_grad(image_embeds)
@@ -53,4 +80,9 @@ class ClipLoss(nn.Module):
         logits_per_text = scale * text_embeds @ all_images.T  # (B, world * B)
         batch = image_embeds.shape[0]
         targets = torch.arange(batch, device=image_embeds.device) + rank * batch
+        if image_ids is not None and text_ids is not None:
+            mask = duplicate_mask(image_ids, text_ids, gather_ids(image_ids), gather_ids(text_ids), targets)
+            if mask.any():
+                logits_per_image = logits_per_image.masked_fill(mask, float("-inf"))
+                logits_per_text = logits_per_text.masked_fill(mask, float("-inf"))
         return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2

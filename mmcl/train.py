@@ -16,16 +16,18 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import send_to_device, set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
+from .augment import Augment
 from .config import Config, ConfigError, EvalSpec, TrainConfig
 from .data import PairCollator, PairDataset, SkipCounter, check_columns, iter_captions, load_source
 from .evaluation import load_eval_dataset, run_eval, scalars
 from .logging_utils import build_trackers, flatten, progress_bar
 from .loss import ClipLoss
 from .model import DualEncoder, build_model
+from .streaming import StreamingPairs, load_stream, stream_captions
 from .processing import build_image_processor, build_tokenizer, fit_text_config, load_processors
 
 
@@ -72,7 +74,9 @@ def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: 
     with accelerator.main_process_first():
         if (resuming or not accelerator.is_main_process) and (saved / "tokenizer_config.json").is_file():
             return load_processors(saved)
-        tokenizer = build_tokenizer(config.model, iter_captions(train_ds, config.data.caption_column))
+        captions = (stream_captions(train_ds, config.data) if config.data.streaming
+                    else iter_captions(train_ds, config.data.caption_column))
+        tokenizer = build_tokenizer(config.model, captions)
         image_processor = build_image_processor(config.model)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(saved)
@@ -81,8 +85,10 @@ def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: 
 
 
 def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any) -> torch.utils.data.DataLoader:
-    dataset = PairDataset(train_ds, config.data.image_column, config.data.caption_column,
-                          image_processor, seed=config.train.seed)
+    data = config.data
+    augment = Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
+    dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
+                          seed=config.train.seed, augment=augment)
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.train.per_device_batch_size, shuffle=True, drop_last=True,
         collate_fn=PairCollator(tokenizer, config.model.max_text_length),
@@ -91,8 +97,19 @@ def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_proc
 
 def load_train_dataset(config: Config, accelerator: Accelerator) -> Any:
     data = config.data
+    if data.streaming:
+        return load_stream(data.train, data)
     with accelerator.main_process_first():  # a built-in dataset is built once, then read
         return check_columns(load_source(data.train, data.train_split, data), data, data.train)
+
+
+def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
+                 accelerator: Accelerator) -> StreamingPairs:
+    data = config.data
+    augment = Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
+    return StreamingPairs(train_ds, data, image_processor, PairCollator(tokenizer, config.model.max_text_length),
+                          config.train.per_device_batch_size, config.train.seed, accelerator.process_index,
+                          accelerator.num_processes, data.shuffle_buffer, augment)
 
 
 def eval_specs(config: Config) -> dict[str, EvalSpec]:
@@ -118,9 +135,10 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: Cli
                   max_grad_norm: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch; returns its loss and, when the optimizer stepped, the gradient norm."""
     grad_norm = None
+    ids = {k: batch.pop(k) for k in ("image_ids", "text_ids") if k in batch}
     with accelerator.accumulate(model):
         out = model(**batch)  # through the prepared model: DDP's hooks live in its forward
-        loss = loss_fn(out.image_embeds, out.text_embeds, out.logit_scale)
+        loss = loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, **ids)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
@@ -148,19 +166,24 @@ class Trainer:
         model = build_model(config.model)
         optimizer = build_optimizer(model, tcfg)
         self.scheduler = build_scheduler(optimizer, tcfg)
-        loader = build_train_loader(config, self.train_ds, self.tokenizer, self.image_processor)
-        self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        self.stream = self.loader = None
+        if config.data.streaming:  # each process reads its own part: not through accelerate
+            self.stream = build_stream(config, self.train_ds, self.tokenizer, self.image_processor, acc)
+            self.model, self.optimizer = acc.prepare(model, optimizer)
+        else:
+            loader = build_train_loader(config, self.train_ds, self.tokenizer, self.image_processor)
+            self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+            self.steps_per_epoch = math.ceil(len(self.loader) / tcfg.gradient_accumulation_steps)
+            if self.steps_per_epoch == 0:
+                raise ConfigError(f"{config.data.train}: {len(self.train_ds)} rows is less than one global batch "
+                                  f"({tcfg.per_device_batch_size} x {acc.num_processes} processes); lower "
+                                  "train.per_device_batch_size")
         acc.register_for_checkpointing(self.scheduler)
         self.loss_fn = ClipLoss()
         self.skipped = SkipCounter()
-        self.steps_per_epoch = math.ceil(len(self.loader) / tcfg.gradient_accumulation_steps)
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"{config.data.train}: {len(self.train_ds)} rows is less than one global batch "
-                              f"({tcfg.per_device_batch_size} x {acc.num_processes} processes); lower "
-                              "train.per_device_batch_size")
         self.step = 0
         if resume_dir is not None:
-            self.step = ckpt.load(acc, resume_dir, self.skipped)
+            self.step = ckpt.load(acc, resume_dir, self.skipped, self.stream)
 
     @property
     def unwrapped(self) -> DualEncoder:
@@ -173,6 +196,9 @@ class Trainer:
 
     def batches(self) -> Any:
         """Batches from the current step on, epoch after epoch (resume skips what was consumed)."""
+        if self.stream is not None:
+            for batch in self.stream:
+                yield send_to_device(batch, self.accelerator.device)
         accum = self.config.train.gradient_accumulation_steps
         epoch, done = divmod(self.step, self.steps_per_epoch)
         while True:
@@ -238,7 +264,7 @@ class Trainer:
             if self.step < tcfg.max_steps:
                 self.evaluate()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
-                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped)
+                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream)
         bar.close()
         return self.finish(time.perf_counter() - start)
 

@@ -1,0 +1,154 @@
+"""Streaming training data: WebDataset tar shards or a Hub dataset read as an `IterableDataset`.
+
+Each process reads its own part of the stream (`split_dataset_by_node`: whole shards when they
+divide evenly, else every world-th example), so no example is read by two processes and none is
+left out. Images are decoded in a thread pool (`data.num_workers` threads; Pillow releases the GIL
+while decoding) from the main process's read of the stream, so the position in the stream is
+simply the number of examples read: a checkpoint stores it per process, and a resumed run skips
+exactly that many (reading, not decoding, them) before continuing.
+"""
+
+from __future__ import annotations
+
+import glob
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+
+from .config import ConfigError, DataConfig
+from .data import PairCollator, Skipped, _captions, load_image, read_image_bytes, stable_id
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "image")
+
+
+def is_webdataset(spec: str) -> bool:
+    path = Path(spec)
+    return spec.endswith(".tar") or "*" in spec or (path.is_dir() and any(path.glob("*.tar")))
+
+
+def load_stream(spec: str, cfg: DataConfig) -> datasets.IterableDataset:
+    """WebDataset shards (a folder of .tar files, a glob, or one .tar) or a Hub dataset, streamed."""
+    if is_webdataset(spec):
+        pattern = str(Path(spec) / "*.tar") if Path(spec).is_dir() else spec
+        files = sorted(glob.glob(pattern))
+        if not files:
+            raise ConfigError(f"data.train: no .tar shards match {pattern}")
+        ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True)
+    else:
+        ds = datasets.load_dataset(spec, cfg.dataset_config, split=cfg.train_split, streaming=True)
+    for column, feature in (ds.features or {}).items():
+        if isinstance(feature, datasets.Image):  # decode ourselves: a corrupt image is skipped
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+    return ds
+
+
+def pair_of(example: dict[str, Any], cfg: DataConfig) -> tuple[Any, list[str]]:
+    """(image cell, captions) of one streamed example: named columns, or WebDataset's
+    `<ext>` image and `json`/`txt` caption."""
+    image = example.get(cfg.image_column)
+    if image is None:
+        image = next((example[k] for k in IMAGE_KEYS if example.get(k) is not None), None)
+    if cfg.caption_column in example:
+        cell = example[cfg.caption_column]
+    elif isinstance(example.get("json"), dict):
+        cell = example["json"].get(cfg.caption_column)
+    else:
+        cell = example.get("txt")
+    if image is None:
+        raise ConfigError(f"no image in the stream's example (columns: {', '.join(example)}); "
+                          f"set data.image_column")
+    return image, _captions(cell)
+
+
+def stream_captions(ds: datasets.IterableDataset, cfg: DataConfig, limit: int = 50_000) -> Iterator[str]:
+    """Captions of the stream's first examples, for training a tokenizer."""
+    for example in ds.take(limit):
+        yield from pair_of(example, cfg)[1]
+
+
+class StreamingPairs:
+    """An endless iterator of training batches from a stream, epoch after epoch.
+
+    `state_dict()` -> {"epoch", "read"}: the epoch and the number of examples this process has
+    read in it; `load_state_dict` makes the next iteration continue right after them.
+    """
+
+    def __init__(self, ds: datasets.IterableDataset, cfg: DataConfig, image_processor: Any, collator: PairCollator,
+                 batch_size: int, seed: int, rank: int, world_size: int, shuffle_buffer: int = 1000,
+                 augment: Any = None) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        if shuffle_buffer > 0:
+            ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)  # shard order and a buffer
+        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        self.cfg, self.image_processor, self.collator = cfg, image_processor, collator
+        self.batch_size, self.seed, self.augment = batch_size, seed, augment
+        self.epoch, self.read = 0, 0
+        self.pool = ThreadPoolExecutor(max(1, cfg.num_workers))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "read": self.read}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.read = int(state["epoch"]), int(state["read"])
+
+    def _decode(self, item: tuple[int, int, dict[str, Any]]) -> dict[str, Any] | Skipped:
+        import random
+        import zlib
+
+        epoch, index, example = item
+        key = str(example.get("__key__", index))
+        try:
+            cell, captions = pair_of(example, self.cfg)
+            if not captions:
+                raise ValueError("empty or non-text caption")
+            rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{key}".encode()))
+            data = read_image_bytes(cell)
+            image = load_image(cell if data is None else data)
+            if self.augment is not None:
+                image = self.augment(image, rng)
+            caption = rng.choice(captions)
+            pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        except ConfigError:
+            raise
+        except Exception as err:  # a bad example is skipped and counted, never a crash
+            source = f"{example.get('__url__', 'stream')}#{key}"
+            return Skipped(stable_id(source.encode()), source, f"{type(err).__name__}: {err}"[:200])
+        return {"pixel_values": pixels, "caption": caption, "row": index, "skipped": [],
+                "image_id": stable_id(data if data is not None else key.encode()),
+                "text_id": stable_id(caption.encode("utf-8"))}
+
+    def _examples(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(epoch, index in the epoch, example) from the saved position on, epoch after epoch."""
+        epoch, start = self.epoch, self.read
+        while True:
+            self.ds.set_epoch(epoch)
+            count = 0
+            for count, example in enumerate(self.ds, start=1):
+                if count > start:  # a resumed run passes over what was read before
+                    yield epoch, count - 1, example
+            if count == 0:
+                raise ConfigError("the training stream has no examples for this process")
+            epoch, start = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        examples = self._examples()
+        ready: list[dict[str, Any]] = []
+        skipped: list[Skipped] = []
+        bad_in_a_row = 0
+        while True:
+            chunk = [next(examples) for _ in range(self.batch_size - len(ready))]
+            for out in self.pool.map(self._decode, chunk):
+                (skipped.append if isinstance(out, Skipped) else ready.append)(out)
+                bad_in_a_row = bad_in_a_row + 1 if isinstance(out, Skipped) else 0
+            if bad_in_a_row >= max(1000, 10 * self.batch_size):
+                first = skipped[0]
+                raise RuntimeError(f"{bad_in_a_row} unreadable examples in a row in the training stream; "
+                                   f"first: {first.source} ({first.reason})")
+            self.epoch, self.read = chunk[-1][0], chunk[-1][1] + 1  # the position after this chunk
+            if len(ready) == self.batch_size:
+                ready[0] = {**ready[0], "skipped": skipped}
+                yield self.collator(ready)
+                ready, skipped = [], []
