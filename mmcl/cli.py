@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", default=None, help="YAML config (default: the quickstart)")
     train.set_defaults(func=_train)
     _add_eval_parser(sub)
+    from .predict import add_predict_parsers
+    from .hub import add_push_parser
+
+    add_predict_parsers(sub)
+    add_push_parser(sub)
     return parser
 
 

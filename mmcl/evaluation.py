@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import ConfigError, DataConfig, EvalConfig, EvalSpec
-from .data import _captions, load_image, load_source
+from .data import _captions, load_image, load_source, processor_min_size
 from .metrics import class_embeddings, load_metric, per_class_accuracy
 from .templates import class_prompts, load_class_names, load_templates
 
@@ -32,7 +32,7 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            image = load_image(self.ds[i][self.column])
+            image = load_image(self.ds[i][self.column], processor_min_size(self.image_processor))
             return {"pixel_values": self.image_processor(image, return_tensors="pt")["pixel_values"][0], "valid": True}
         except Exception:  # counted by the caller through `valid`
             return {"pixel_values": None, "valid": False}
@@ -45,13 +45,13 @@ def _collate_images(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def embed_images(model: Any, ds: datasets.Dataset, column: str, image_processor: Any,
-                 accelerator: Accelerator, batch_size: int, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_images(model: Any, ds: datasets.Dataset, column: str, image_processor: Any, accelerator: Accelerator,
+                 batch_size: int, num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (N, D) image embeddings (rows of unreadable images are zeros) and the (N,) valid mask."""
     loader = torch.utils.data.DataLoader(_Images(ds, column, image_processor), batch_size=batch_size,
                                          collate_fn=_collate_images, num_workers=num_workers)
     embeds, valid = [], []
-    for batch in accelerator.prepare_data_loader(loader):
+    for batch in _bar(accelerator.prepare_data_loader(loader), progress, accelerator, "images"):
         if not batch["valid"].any():  # a batch of only unreadable images (its size may be 1x1)
             out = torch.zeros(len(batch["valid"]), _embed_dim(model), device=batch["valid"].device)
         else:
@@ -63,6 +63,14 @@ def embed_images(model: Any, ds: datasets.Dataset, column: str, image_processor:
     return torch.cat(embeds), torch.cat(valid)
 
 
+def _bar(loader: Any, progress: bool, accelerator: Accelerator, unit: str) -> Any:
+    if not progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"embedding {unit}", unit="batch", disable=not accelerator.is_local_main_process)
+
+
 def _embed_dim(model: Any) -> int:
     projection = getattr(model, "visual_projection", None) or getattr(getattr(model, "model", None), "visual_projection", None)
     if projection is None:
@@ -72,7 +80,7 @@ def _embed_dim(model: Any) -> int:
 
 @torch.no_grad()
 def embed_texts(model: Any, texts: Sequence[str], tokenizer: Any, accelerator: Accelerator, batch_size: int,
-                max_length: int = 77, padding: str = "longest") -> torch.Tensor:
+                max_length: int = 77, padding: str = "longest", progress: bool = False) -> torch.Tensor:
     """-> (N, D) text embeddings, in the order of `texts`."""
     def collate(batch: list[str]) -> dict[str, torch.Tensor]:
         enc = tokenizer(list(batch), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
@@ -81,7 +89,7 @@ def embed_texts(model: Any, texts: Sequence[str], tokenizer: Any, accelerator: A
     loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(list(texts), batch_size=batch_size,
                                                                          collate_fn=collate))
     embeds = []
-    for batch in loader:
+    for batch in _bar(loader, progress, accelerator, "texts"):
         with accelerator.autocast():
             out = model.get_text_features(batch["input_ids"], batch["attention_mask"]).float()
         embeds.append(accelerator.gather_for_metrics(out).cpu())

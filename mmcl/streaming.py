@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import datasets
 
 from .config import ConfigError, DataConfig
-from .data import PairCollator, Skipped, _captions, load_image, read_image_bytes, stable_id
+from .data import PairCollator, Skipped, _captions, load_image, processor_min_size, read_image_bytes, stable_id
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "image")
 
@@ -106,7 +106,7 @@ class StreamingPairs:
                 raise ValueError("empty or non-text caption")
             rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{key}".encode()))
             data = read_image_bytes(cell)
-            image = load_image(cell if data is None else data)
+            image = load_image(cell if data is None else data, processor_min_size(self.image_processor))
             if self.augment is not None:
                 image = self.augment(image, rng)
             caption = rng.choice(captions)
