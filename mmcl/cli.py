@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .predict import add_predict_parsers
     from .hub import add_push_parser
 
+    from .datacheck import add_data_parser
+
     add_predict_parsers(sub)
     add_push_parser(sub)
+    add_data_parser(sub)
     return parser
 
 

@@ -36,6 +36,12 @@ def load_stream(spec: str, cfg: DataConfig) -> datasets.IterableDataset:
         if not files:
             raise ConfigError(f"data.train: no .tar shards match {pattern}")
         ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True)
+        # datasets infers the columns from the first few samples: a shard mixing png and jpg would
+        # yield None (or fail) for the extension it did not see, so declare every image extension
+        missing = {k: datasets.Image() for k in IMAGE_KEYS if k not in (ds.features or {})}
+        if missing:
+            ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True,
+                                       features=datasets.Features({**ds.features, **missing}))
     else:
         ds = datasets.load_dataset(spec, cfg.dataset_config, split=cfg.train_split, streaming=True)
     for column, feature in (ds.features or {}).items():
@@ -52,8 +58,9 @@ def pair_of(example: dict[str, Any], cfg: DataConfig) -> tuple[Any, list[str]]:
         image = next((example[k] for k in IMAGE_KEYS if example.get(k) is not None), None)
     if cfg.caption_column in example:
         cell = example[cfg.caption_column]
-    elif isinstance(example.get("json"), dict):
-        cell = example["json"].get(cfg.caption_column)
+    elif isinstance(example.get("json"), dict):  # mmcl data convert writes the key "caption"
+        meta = example["json"]
+        cell = meta.get(cfg.caption_column, meta.get("caption"))
     else:
         cell = example.get("txt")
     if image is None:
@@ -116,8 +123,10 @@ class StreamingPairs:
         except Exception as err:  # a bad example is skipped and counted, never a crash
             source = f"{example.get('__url__', 'stream')}#{key}"
             return Skipped(stable_id(source.encode()), source, f"{type(err).__name__}: {err}"[:200])
+        meta = example.get("json") if isinstance(example.get("json"), dict) else {}
+        image_key = str(meta["image_id"]).encode() if meta.get("image_id") is not None else data or key.encode()
         return {"pixel_values": pixels, "caption": caption, "row": index, "skipped": [],
-                "image_id": stable_id(data if data is not None else key.encode()),
+                "image_id": stable_id(image_key),  # rows of one image (convert --image-id-column) share it
                 "text_id": stable_id(caption.encode("utf-8"))}
 
     def _examples(self) -> Iterator[tuple[int, int, dict[str, Any]]]:

@@ -26,10 +26,11 @@ def write_shards(folder, n_shards=4, per_shard=12, bad=()):
             for i in range(per_shard):
                 key = f"{s:02d}{i:04d}"
                 buffer = io.BytesIO()
-                Image.new("RGB", (8, 8), (20 * i, 60 * s, 7 * i)).save(buffer, format="PNG")
+                ext = "jpg" if i % 7 == 6 else "png"  # shards mixing formats, past the first samples
+                Image.new("RGB", (8, 8), (20 * i, 60 * s, 7 * i)).save(buffer, format="PNG" if ext == "png" else "JPEG")
                 image = b"not a png" if key in bad else buffer.getvalue()
                 caption = {"caption": [f"{WORDS[i % 8]} {WORDS[s]} {key}"]}
-                for name, payload in ((f"{key}.png", image), (f"{key}.json", json.dumps(caption).encode())):
+                for name, payload in ((f"{key}.{ext}", image), (f"{key}.json", json.dumps(caption).encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
