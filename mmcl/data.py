@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import random
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,12 +150,16 @@ def load_image(value: Any, min_size: int | None = None) -> Image.Image:
 
     Transparent images are composited on white (emoji, logos); grayscale, palette, CMYK and
     16-bit images are converted. Raises on a missing, unreadable or corrupt file, and on one
-    over Pillow's decompression-bomb limit. With `min_size`, a JPEG much larger than needed is
+    over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, not twice it). With `min_size`, a JPEG much larger than needed is
     decoded at a reduced scale (1/2, 1/4, 1/8: Pillow's draft mode), never below `min_size` px
     on its shorter side: the processor resizes it anyway, and decoding is the costly part.
     """
     data = read_image_bytes(value)
-    image = value if data is None else Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+        # Pillow only warns between 1x and 2x its pixel limit; mmcl skips all of those: one such
+        # image decoded to RGB costs gigabytes of memory in a worker
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = value if data is None else Image.open(io.BytesIO(data))
     if min_size and image.format == "JPEG":
         width, height = image.size
         scale = min(width, height) / min_size

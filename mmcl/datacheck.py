@@ -2,9 +2,9 @@
 
 Every image is decoded exactly as training decodes it (`mmcl.data.load_image`) and every caption
 is read as training reads it (`mmcl.data._captions`), so a row this check calls bad is a row
-training would skip, and the other way round. Pillow refuses an image over twice
-`PIL.Image.MAX_IMAGE_PIXELS` (DecompressionBombError: bad here and skipped in training); between
-one and two times the limit it only warns, and both decode it: it is counted as "large", not bad.
+training would skip, and the other way round. An image over `PIL.Image.MAX_IMAGE_PIXELS` is a
+decompression bomb: bad here and skipped in training (Pillow itself only warns up to twice the
+limit; `load_image` turns that warning into an error).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def inspect_image(cell: Any, row: int, keep_bytes: bool = False) -> ImageInfo:
             load_image(cell if data is None else data)  # the verdict: exactly what training does
         except Exception as err:
             info.kind, info.reason = _decode_problem(err, data), _reason(err)
-    info.large = any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
+    info.large = not info.kind and any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
     if data:
         info.image_id = stable_id(data)
         info.data = data if keep_bytes and not info.kind else None
