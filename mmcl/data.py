@@ -213,7 +213,7 @@ class SkipCounter:
                     self.examples.append(item)
 
     def summary(self) -> str:
-        lines = [f"skipped {len(self.rows)} unreadable image(s)"]
+        lines = [f"skipped {len(self.rows)} row(s) with an unreadable image or no usable caption"]
         lines += [f"  row {s.row}: {s.source} ({s.reason})" for s in self.examples]
         return "\n".join(lines)
 
