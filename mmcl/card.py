@@ -147,7 +147,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _architecture(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
     """Towers, pooling, projection width and temperature, from the saved files where possible."""
-    arch = _read_json(folder / "mmcl_config.json") or _read_json(folder / "config.json")
+    exported = _read_json(folder / "mmcl_export.json")  # an `mmcl export` folder says what it holds
+    arch = _read_json(folder / "mmcl_config.json") or _read_json(folder / "config.json") or exported
     out = {"projection_dim": arch.get("projection_dim", _get(config, "model.projection_dim"))}
     for side in ("text", "vision"):
         tower = arch.get(f"{side}_config") or _get(config, f"model.{side}_config") or {}
@@ -166,7 +167,8 @@ def _architecture(folder: Path, config: dict[str, Any]) -> dict[str, Any]:
         with safe_open(str(folder / "model.safetensors"), framework="numpy") as f:
             out["temperature"] = math.exp(-float(f.get_tensor("logit_scale")))
     except Exception:  # noqa: BLE001 - sharded, missing or exotic weights: just leave it out
-        out["temperature"] = None
+        scale = exported.get("logit_scale")
+        out["temperature"] = math.exp(-float(scale)) if scale is not None else None
     return out
 
 

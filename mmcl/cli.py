@@ -87,10 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .hub import add_push_parser
 
     from .datacheck import add_data_parser
+    from .export import add_export_parser
 
     add_predict_parsers(sub)
     add_push_parser(sub)
     add_data_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -164,6 +164,12 @@ class EvalConfig:
 
 @dataclass
 class HubConfig:
+    """Publishing. `export` writes `<output_dir>/export`: the model as transformers (CLIPModel /
+    VisionTextDualEncoderModel where the pooling allows) and sentence-transformers load it, with a
+    model card. `push` uploads that folder to `repo_id`; the token comes from HF_TOKEN or the Hub
+    login, never from this config."""
+
+    export: bool = True
     push: bool = False
     repo_id: str | None = None
     private: bool = False
@@ -347,6 +353,10 @@ def validate(config: Config) -> None:
         "train.report_to": (config.train.report_to, ("auto", "tensorboard", "jsonl", "none")),
         "eval.best_mode": (config.eval.best_mode, ("max", "min")),
     }
+    if config.hub.push and not config.hub.export:
+        raise ConfigError("hub.push uploads the export folder: keep hub.export true")
+    if config.hub.push and not config.hub.repo_id:
+        raise ConfigError("hub.push is true but hub.repo_id is empty; set --hub.repo_id=user/name")
     for name, spec in config.eval.sets.items():
         choices[f"eval.sets.{name}.task"] = (spec.task, ("retrieval", "zero_shot"))
         if not spec.dataset:

