@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .predict import add_predict_parsers
     from .hub import add_push_parser
 
-    from .datacheck import add_data_parser
+    from .datacli import add_data_parser
     from .export import add_export_parser
 
     add_predict_parsers(sub)

@@ -275,5 +275,5 @@ def format_results(name: str, results: dict[str, Any], worst: int = 5) -> str:
     per_class = results.get("per_class_accuracy")
     if per_class:
         hardest = sorted(per_class.items(), key=lambda kv: kv[1])[:worst]
-        lines.append(f"  hardest classes: " + ", ".join(f"{c} ({a:.2f})" for c, a in hardest))
+        lines.append("  hardest classes: " + ", ".join(f"{c} ({a:.2f})" for c, a in hardest))
     return "\n".join(lines)

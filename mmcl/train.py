@@ -184,6 +184,8 @@ class Trainer:
         self.step = 0
         if resume_dir is not None:
             self.step = ckpt.load(acc, resume_dir, self.skipped, self.stream)
+        elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
+            (self.output_dir / "logs" / "metrics.jsonl").unlink(missing_ok=True)
 
     @property
     def unwrapped(self) -> DualEncoder:

@@ -5,7 +5,6 @@ import argparse
 import io
 import json
 import tarfile
-import warnings
 
 import datasets
 import numpy as np
@@ -14,7 +13,8 @@ from PIL import Image
 
 from mmcl.config import ConfigError, DataConfig, ModelConfig
 from mmcl.data import PairDataset, check_columns, load_source
-from mmcl.datacheck import add_data_parser, check_data
+from mmcl.datacheck import check_data
+from mmcl.datacli import add_data_parser
 from mmcl.dataconvert import ShardWriter, convert_to_hf, convert_to_webdataset, webdataset_features
 from mmcl.processing import build_image_processor, train_wordpiece
 
@@ -301,7 +301,7 @@ def test_convert_imagefolder_and_embedded_bytes_sources(tmp_path):
                                                      for f in ("0.png", "1.png", "2.png", "zero.png")))
     first = convert_to_hf(str(folder), DataConfig(), tmp_path / "hf1")  # paths -> bytes
     assert (first.written, first.skipped_kinds) == (3, {"zero-byte": 1})
-    second = convert_to_hf(str(tmp_path / "hf1"), DataConfig(), tmp_path / "hf2")  # bytes -> bytes
+    assert convert_to_hf(str(tmp_path / "hf1"), DataConfig(), tmp_path / "hf2").written == 3  # bytes -> bytes
     raw = datasets.load_from_disk(str(tmp_path / "hf2")).cast_column("image", datasets.Image(decode=False))
     assert [(r["image"], r["caption"]) for r in raw] == [
         ({"bytes": (folder / f"{i}.png").read_bytes(), "path": f"{i}.png"}, [f"pic {i}.png", "x"]) for i in range(3)]
