@@ -54,10 +54,22 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def gather_skipped(skipped: SkipCounter) -> SkipCounter:
+    """Every process's skipped rows in one counter (call it on all processes)."""
+    from accelerate.utils import gather_object
+
+    merged = SkipCounter()
+    for rows, examples in gather_object([(sorted(skipped.rows), list(skipped.examples))]):
+        merged.rows.update(rows)
+        merged.examples.extend(e for e in examples if len(merged.examples) < 10 and e not in merged.examples)
+    return merged
+
+
 def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter,
-         stream: Any = None) -> Path:
-    """Write the full training state (model, optimizer, scheduler, RNG, and each process's
-    position in a training stream) at `step`, atomically."""
+         stream: Any = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write the full training state (model, optimizer, scheduler, RNG, every process's skipped
+    rows and position in a training stream, and `extra`) at `step`, atomically."""
+    skipped = gather_skipped(skipped)
     folder = output_dir / "checkpoints"
     final, tmp = folder / f"step-{step:08d}", folder / f".tmp-step-{step:08d}"
     if accelerator.is_main_process:
@@ -70,7 +82,7 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "skipped_rows": sorted(skipped.rows),
-                 "skipped_examples": [s._asdict() for s in skipped.examples]}
+                 "skipped_examples": [s._asdict() for s in skipped.examples], **(extra or {})}
         with open(tmp / STATE_NAME, "w", encoding="utf-8") as f:
             json.dump(state, f)  # written last: its presence marks the checkpoint complete
         _replace_dir(tmp, final)
@@ -80,8 +92,8 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
     return final
 
 
-def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: Any = None) -> int:
-    """Restore the training state; returns the step to continue from."""
+def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: Any = None) -> dict[str, Any]:
+    """Restore the training state; returns the saved state (its "step" is where to continue)."""
     accelerator.load_state(str(folder))
     if stream is not None:
         path = folder / f"stream_state_{accelerator.process_index}.json"
@@ -95,7 +107,18 @@ def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: A
     skipped.rows.update(state["skipped_rows"])
     skipped.examples.extend(Skipped(**s) for s in state["skipped_examples"])
     accelerator.print(f"resumed from {folder} at step {state['step']}")
-    return int(state["step"])
+    set_aside_newer(folder, int(state["step"]), accelerator)
+    return state
+
+
+def set_aside_newer(folder: Path, step: int, accelerator: Accelerator) -> None:
+    """Resuming from an older checkpoint abandons the newer ones of that run: rename them so that
+    `latest` and `keep_last` only see the run being continued (nothing is deleted)."""
+    if accelerator.is_main_process:
+        for newer in checkpoints(folder.parent.parent):
+            if int(STEP_DIR.match(newer.name).group(1)) > step:
+                os.replace(newer, newer.with_name(f".abandoned-{newer.name}"))
+    accelerator.wait_for_everyone()
 
 
 def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config, final: Path,
@@ -107,8 +130,10 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config,
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
+    from .card import scrub_secrets
+
     with open(tmp / "mmcl_training_config.yaml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        yaml.safe_dump(scrub_secrets(config.to_dict()), f, sort_keys=False)  # nothing secret-looking
     if info:
         with open(tmp / "mmcl_info.json", "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)

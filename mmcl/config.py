@@ -308,7 +308,12 @@ def _merge_free_dicts(config: Config, overrides: dict[str, Any]) -> dict[str, An
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- command-line overrides, each validated against the dataclasses."""
     config = Config()
+    if path is None and not DEFAULT_CONFIG.is_file():
+        raise ConfigError(f"no config given and the default {DEFAULT_CONFIG} is not there (mmcl was installed "
+                          "without its repository): pass a config file, e.g. mmcl train path/to/quickstart.yaml")
     path = DEFAULT_CONFIG if path is None else Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
@@ -357,6 +362,11 @@ def validate(config: Config) -> None:
         raise ConfigError("hub.push uploads the export folder: keep hub.export true")
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is empty; set --hub.repo_id=user/name")
+    names = (["val"] if config.data.validation else []) + list(config.eval.sets)
+    best = config.eval.best_metric
+    if best and best.split("/")[0] not in names:
+        raise ConfigError(f"eval.best_metric '{best}' names no evaluation: metrics are '<name>/<metric>' with "
+                          f"<name> one of {', '.join(names) or '(none: set data.validation or eval.sets)'}")
     for name, spec in config.eval.sets.items():
         choices[f"eval.sets.{name}.task"] = (spec.task, ("retrieval", "zero_shot"))
         if not spec.dataset:
@@ -370,6 +380,6 @@ def validate(config: Config) -> None:
             raise ConfigError("set model.text_model (folder or Hub id) or model.text_config.model_type")
         if not (m.vision_model or m.vision_config.get("model_type")):
             raise ConfigError("set model.vision_model (folder or Hub id) or model.vision_config.model_type")
-    for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps"):
+    for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"'train.{key}' must be >= 1")

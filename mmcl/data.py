@@ -8,7 +8,6 @@ import hashlib
 import io
 import os
 import random
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,11 +154,14 @@ def load_image(value: Any, min_size: int | None = None) -> Image.Image:
     on its shorter side: the processor resizes it anyway, and decoding is the costly part.
     """
     data = read_image_bytes(value)
-    with warnings.catch_warnings():
-        # Pillow only warns between 1x and 2x its pixel limit; mmcl skips all of those: one such
-        # image decoded to RGB costs gigabytes of memory in a worker
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        image = value if data is None else Image.open(io.BytesIO(data))
+    image = value if data is None else Image.open(io.BytesIO(data))  # reads the header only
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.size[0] * image.size[1] > limit:
+        # Pillow only warns between 1x and 2x its limit; mmcl skips all of those: one such image
+        # decoded to RGB costs gigabytes in a worker. (Checked by hand: warning filters are global
+        # and not thread-safe, and streaming decodes in threads.)
+        raise Image.DecompressionBombError(f"Image size ({image.size[0] * image.size[1]} pixels) exceeds the "
+                                           f"limit of {limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)")
     if min_size and image.format == "JPEG":
         width, height = image.size
         scale = min(width, height) / min_size
@@ -273,7 +275,10 @@ class PairDataset(torch.utils.data.Dataset):
             try:
                 item = self._load(row)
             except Exception as err:  # any undecodable file must not stop training
-                source = _describe(self.ds[row][self.image_column])
+                try:
+                    source = _describe(self.ds[row][self.image_column])
+                except Exception:  # the row itself could not be read
+                    source = f"<row {row}>"
                 skipped.append(Skipped(row, source, f"{type(err).__name__}: {err}"[:200]))
                 continue
             return {**item, "skipped": skipped}

@@ -38,7 +38,6 @@ class ImageInfo:
     mode: str = ""  # as stored (CMYK, I;16, P...), before the conversion to RGB
     format: str = ""  # JPEG, PNG, WEBP...
     image_id: int | None = None  # stable_id of the encoded bytes: equal bytes, equal id
-    large: bool = False  # over MAX_IMAGE_PIXELS but under 2x: decoded, with a DecompressionBombWarning
     data: bytes | None = None  # the encoded bytes, when asked for (conversion)
 
 
@@ -75,15 +74,14 @@ def inspect_image(cell: Any, row: int, keep_bytes: bool = False) -> ImageInfo:
     except Exception as err:
         info.kind, info.reason = _read_problem(err), _reason(err)
         return info
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_image decides on size
         try:
             header = cell if data is None else Image.open(io.BytesIO(data))  # header only: cheap
             info.width, info.height, info.mode, info.format = *header.size, header.mode, header.format or ""
             load_image(cell if data is None else data)  # the verdict: exactly what training does
         except Exception as err:
             info.kind, info.reason = _decode_problem(err, data), _reason(err)
-    info.large = not info.kind and any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
     if data:
         info.image_id = stable_id(data)
         info.data = data if keep_bytes and not info.kind else None
@@ -183,9 +181,7 @@ class DataReport:
     bad_images: int = 0
     bad_image_kinds: dict[str, int] = field(default_factory=dict)
     bad_image_examples: list[dict[str, Any]] = field(default_factory=list)  # row, source, kind, reason
-    large_images: int = 0
-    pixel_limit: int | None = None  # PIL.Image.MAX_IMAGE_PIXELS during the check
-    large_image_examples: list[dict[str, Any]] = field(default_factory=list)
+    pixel_limit: int = 0  # PIL.Image.MAX_IMAGE_PIXELS: larger images are decompression bombs, skipped
     bad_captions: int = 0
     bad_caption_kinds: dict[str, int] = field(default_factory=dict)
     bad_caption_examples: list[dict[str, Any]] = field(default_factory=list)  # row, value, kind
@@ -255,11 +251,6 @@ def _check_images(ds: Any, cfg: DataConfig, report: DataReport, num_workers: int
         formats[info.format or "in memory"] += 1
         if info.image_id is not None:
             groups.add(info.image_id, info.row)
-        if info.large:
-            report.large_images += 1
-            if len(report.large_image_examples) < limit:
-                report.large_image_examples.append({"row": info.row, "source": info.source,
-                                                    "size": [info.width, info.height]})
     report.bad_images, report.bad_image_kinds = len(bad), dict(kinds.most_common())
     report.width, report.height = _stats(widths), _stats(heights)
     report.modes, report.formats = dict(modes.most_common()), dict(formats.most_common())

@@ -22,10 +22,6 @@ def format_summary(r: DataReport) -> str:
     if r.bad_images:
         lines.append(f"bad images: {r.bad_images:,} ({_counts(r.bad_image_kinds)})")
         lines += [f"  row {e['row']}: {e['source']} [{e['kind']}] {e['reason']}" for e in r.bad_image_examples]
-    if r.large_images:
-        lines.append(f"large images: {r.large_images:,} over PIL.Image.MAX_IMAGE_PIXELS ({r.pixel_limit:,}) "
-                     f"but not twice it: decoded (slowly) in training too, with a DecompressionBombWarning")
-        lines += [f"  row {e['row']}: {e['source']} {e['size'][0]}x{e['size'][1]}" for e in r.large_image_examples]
     if r.bad_captions:
         lines.append(f"bad captions: {r.bad_captions:,} ({_counts(r.bad_caption_kinds)})")
         lines += [f"  row {e['row']}: {e['value']} [{e['kind']}]" for e in r.bad_caption_examples]

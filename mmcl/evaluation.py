@@ -51,7 +51,7 @@ def embed_images(model: Any, ds: datasets.Dataset, column: str, image_processor:
     loader = torch.utils.data.DataLoader(_Images(ds, column, image_processor), batch_size=batch_size,
                                          collate_fn=_collate_images, num_workers=num_workers)
     embeds, valid = [], []
-    for batch in _bar(accelerator.prepare_data_loader(loader), progress, accelerator, "images"):
+    for batch in _bar(_shard(loader, accelerator), progress, accelerator, "images"):
         if not batch["valid"].any():  # a batch of only unreadable images (its size may be 1x1)
             out = torch.zeros(len(batch["valid"]), _embed_dim(model), device=batch["valid"].device)
         else:
@@ -61,6 +61,15 @@ def embed_images(model: Any, ds: datasets.Dataset, column: str, image_processor:
         embeds.append(e.cpu())
         valid.append(v.cpu())
     return torch.cat(embeds), torch.cat(valid)
+
+
+def _shard(loader: torch.utils.data.DataLoader, accelerator: Accelerator) -> Any:
+    """This process's share of `loader`, on its device. Not `accelerator.prepare_data_loader`:
+    that keeps a reference to every loader it prepares, and evaluations run many times."""
+    from accelerate.data_loader import prepare_data_loader
+
+    return prepare_data_loader(loader, accelerator.device, accelerator.num_processes, accelerator.process_index,
+                               put_on_device=True)
 
 
 def _bar(loader: Any, progress: bool, accelerator: Accelerator, unit: str) -> Any:
@@ -86,8 +95,7 @@ def embed_texts(model: Any, texts: Sequence[str], tokenizer: Any, accelerator: A
         enc = tokenizer(list(batch), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
 
-    loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(list(texts), batch_size=batch_size,
-                                                                         collate_fn=collate))
+    loader = _shard(torch.utils.data.DataLoader(list(texts), batch_size=batch_size, collate_fn=collate), accelerator)
     embeds = []
     for batch in _bar(loader, progress, accelerator, "texts"):
         with accelerator.autocast():

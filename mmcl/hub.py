@@ -19,6 +19,7 @@ import fnmatch
 import glob
 import json
 import logging
+import re
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -123,14 +124,19 @@ def _secret_keys(value: Any, prefix: str = "") -> list[str]:
     return found
 
 
+_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{20,}")  # what a Hub token looks like
+
+
 def _check_files(folder: Path, files: list[str], token: str | None) -> list[str]:
     """Drop a training config holding credential-like keys; refuse any text file holding the token."""
     import yaml
 
     if TRAINING_CONFIG_NAME in files:
-        keys = _secret_keys(yaml.safe_load((folder / TRAINING_CONFIG_NAME).read_text(encoding="utf-8")))
-        if keys:
-            logger.warning("not uploading %s: it has credential-like keys %s", TRAINING_CONFIG_NAME, keys)
+        text = (folder / TRAINING_CONFIG_NAME).read_text(encoding="utf-8")
+        keys = _secret_keys(yaml.safe_load(text))
+        if keys or _TOKEN_SHAPE.search(text):
+            logger.warning("not uploading %s: it has credential-like keys %s or a token-shaped value",
+                           TRAINING_CONFIG_NAME, keys)
             files = [f for f in files if f != TRAINING_CONFIG_NAME]
     if token:
         for name in files:

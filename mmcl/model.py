@@ -207,6 +207,9 @@ def _lock(tower: nn.Module, unlocked_layers: int) -> None:
     keep_from = len(names)
     if unlocked_layers > 0:
         blocks = _blocks(tower)
+        if unlocked_layers > len(blocks):
+            raise ValueError(f"cannot unlock the last {unlocked_layers} layers of {type(tower).__name__}: "
+                             f"it has {len(blocks)}")
         first = {id(p) for p in blocks[-unlocked_layers].parameters()}
         keep_from = next(i for i, (_, p) in enumerate(tower.named_parameters()) if id(p) in first)
     for i, (_, param) in enumerate(tower.named_parameters()):

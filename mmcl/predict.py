@@ -73,8 +73,10 @@ def embed(model: str, source: str, output: str, what: str = "both", image_column
     from .data import _captions, check_columns, load_source
 
     loaded, accelerator = _runtime(model)
-    folder_mode = Path(source).is_dir() and not any((Path(source) / m).exists() for m in
-                                                     ("metadata.csv", "metadata.jsonl", "dataset_info.json", "state.json"))
+    from .data import DISK_MARKERS
+
+    markers = (*DISK_MARKERS, "metadata.csv", "metadata.jsonl")  # a dataset, not a bare folder of images
+    folder_mode = Path(source).is_dir() and not any((Path(source) / m).exists() for m in markers)
     if folder_mode:
         paths = list_images([source])
         ids, captions, images = [str(p) for p in paths], None, paths
@@ -126,7 +128,7 @@ def predict(model: str, images: list[str], labels: list[str], templates: str = "
     paths = list_images(images)
     embeds, valid = image_embeddings(loaded, accelerator, paths)
     owner = getattr(loaded.encoder, "model", loaded.encoder)  # HF models sit inside an adapter
-    scale = float(getattr(owner, "logit_scale", torch.tensor(4.6052)).exp())  # the model's own temperature
+    scale = float(getattr(owner, "logit_scale", torch.tensor(4.6052)).detach().exp())  # the model's own temperature
     probs = (scale * embeds @ classes.T).softmax(dim=-1)
     rows = []
     for path, p, ok in zip(paths, probs, valid.tolist()):

@@ -20,7 +20,7 @@ import datasets
 from .config import ConfigError, DataConfig
 from .data import PairCollator, Skipped, _captions, load_image, processor_min_size, read_image_bytes, stable_id
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "image")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "jp2", "image")
 
 
 def is_webdataset(spec: str) -> bool:
@@ -63,9 +63,8 @@ def pair_of(example: dict[str, Any], cfg: DataConfig) -> tuple[Any, list[str]]:
         cell = meta.get(cfg.caption_column, meta.get("caption"))
     else:
         cell = example.get("txt")
-    if image is None:
-        raise ConfigError(f"no image in the stream's example (columns: {', '.join(example)}); "
-                          f"set data.image_column")
+    if image is None:  # skipped and counted like any unreadable image
+        raise ValueError(f"no image in this example (keys: {', '.join(example)}); set data.image_column")
     return image, _captions(cell)
 
 
@@ -94,6 +93,9 @@ class StreamingPairs:
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.epoch, self.read = 0, 0
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "read": self.read}

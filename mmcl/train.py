@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import send_to_device, set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
@@ -23,6 +22,7 @@ from . import checkpoint as ckpt
 from .augment import Augment
 from .config import Config, ConfigError, EvalSpec, HubConfig, TrainConfig
 from .data import PairCollator, PairDataset, SkipCounter, check_columns, iter_captions, load_source
+from .card import scrub_secrets
 from .evaluation import load_eval_dataset, run_eval, scalars
 from .logging_utils import build_trackers, flatten, progress_bar
 from .loss import ClipLoss
@@ -73,7 +73,7 @@ def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: 
     saved = output_dir / "processor"
     with accelerator.main_process_first():
         if (resuming or not accelerator.is_main_process) and (saved / "tokenizer_config.json").is_file():
-            return load_processors(saved)
+            return load_processors(saved, config.model.trust_remote_code)
         captions = (stream_captions(train_ds, config.data) if config.data.streaming
                     else iter_captions(train_ds, config.data.caption_column))
         tokenizer = build_tokenizer(config.model, captions)
@@ -132,19 +132,21 @@ def load_eval_datasets(config: Config, accelerator: Accelerator) -> dict[str, tu
 
 def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: ClipLoss,
                   optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                  max_grad_norm: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch; returns its loss and, when the optimizer stepped, the gradient norm."""
-    grad_norm = None
+                  max_grad_norm: float | None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """One micro-batch; returns its loss, whether this was an optimizer step (the last
+    micro-batch of an accumulation), and the gradient norm (None where the backend gives none)."""
+    grad_norm, synced = None, False
     ids = {k: batch.pop(k) for k in ("image_ids", "text_ids") if k in batch}
     with accelerator.accumulate(model):
         out = model(**batch)  # through the prepared model: DDP's hooks live in its forward
         loss = loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, **ids)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
+            synced = True
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm
+    return loss.detach(), synced, grad_norm
 
 
 class Trainer:
@@ -183,15 +185,27 @@ class Trainer:
         self.skipped = SkipCounter()
         self.step = 0
         if resume_dir is not None:
-            self.step = ckpt.load(acc, resume_dir, self.skipped, self.stream)
+            state = ckpt.load(acc, resume_dir, self.skipped, self.stream)
+            self.step, self.best = int(state["step"]), state.get("best")
+            check_geometry(state.get("geometry"), self.geometry(), resume_dir)
         elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
             (self.output_dir / "logs" / "metrics.jsonl").unlink(missing_ok=True)
+
+    def geometry(self) -> dict[str, Any]:
+        """What decides which examples a step reads: a resume must keep it."""
+        t, acc = self.config.train, self.accelerator
+        return {"num_processes": acc.num_processes, "per_device_batch_size": t.per_device_batch_size,
+                "gradient_accumulation_steps": t.gradient_accumulation_steps, "streaming": self.config.data.streaming}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides Accelerate's state."""
+        return {"best": self.best, "geometry": self.geometry()}
 
     @property
     def unwrapped(self) -> DualEncoder:
         return self.accelerator.unwrap_model(self.model)
 
-    def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         self.skipped.add(batch.pop("skipped"))
         return training_step(self.accelerator, self.model, self.loss_fn, self.optimizer, batch,
                              self.config.train.max_grad_norm)
@@ -201,6 +215,7 @@ class Trainer:
         if self.stream is not None:
             for batch in self.stream:
                 yield send_to_device(batch, self.accelerator.device)
+            return
         accum = self.config.train.gradient_accumulation_steps
         epoch, done = divmod(self.step, self.steps_per_epoch)
         while True:
@@ -219,12 +234,19 @@ class Trainer:
             results = run_eval(self.unwrapped, ds, spec, self.tokenizer, self.image_processor, self.accelerator,
                                self.config.eval, max_length=self.config.model.max_text_length)
             metrics.update(scalars(name, results))
+            self.draw_confusion(spec, results)
         if metrics:
             self.accelerator.log(metrics, step=self.step)
             self.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                             if "R@" in k or "top" in k or "recall" in k))
             self.keep_best(metrics)
         return metrics
+
+    def draw_confusion(self, spec: EvalSpec, results: dict[str, Any]) -> None:
+        if spec.confusion_matrix and "confusion" in results and self.accelerator.is_main_process:
+            from .plots import save_confusion_png
+
+            save_confusion_png(results["confusion"], list(results["per_class_accuracy"]), spec.confusion_matrix)
 
     def keep_best(self, metrics: dict[str, float]) -> None:
         """Save the model to <output_dir>/best when `eval.best_metric` improves."""
@@ -242,15 +264,15 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         tcfg, acc = self.config.train, self.accelerator
-        acc.init_trackers("mmcl", config=flatten(self.config.to_dict()))
+        acc.init_trackers("mmcl", config=flatten(scrub_secrets(self.config.to_dict())))
         bar = progress_bar(tcfg, acc, initial=self.step)
-        window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        window_loss, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
         start = time.perf_counter()
         batches = self.batches()
         while self.step < tcfg.max_steps:
-            loss, grad_norm = self.training_step(next(batches))
-            window_loss += loss.item() / tcfg.gradient_accumulation_steps
-            if grad_norm is None:
+            loss, synced, grad_norm = self.training_step(next(batches))
+            window_loss += loss.float() / tcfg.gradient_accumulation_steps  # no .item(): no device sync
+            if not synced:
                 continue
             self.unwrapped.clamp_logit_scale()
             self.scheduler.step()
@@ -262,32 +284,37 @@ class Trainer:
                 logs = self.health(window_loss / window_steps, grad_norm, window_steps, elapsed)
                 bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()})
                 acc.log(logs, step=self.step)
-                window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+                window_loss, window_steps = torch.zeros((), device=acc.device), 0
+                window_start = time.perf_counter()
             if self.step < tcfg.max_steps:
                 self.evaluate()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
-                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream)
+                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state())
+            if self.step % tcfg.log_every == 0:  # evaluation and checkpoint time is not training time
+                window_start = time.perf_counter()
         bar.close()
         return self.finish(time.perf_counter() - start)
 
-    def health(self, loss: float, grad_norm: torch.Tensor, steps: int, elapsed: float) -> dict[str, float]:
+    def health(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, steps: int, elapsed: float) -> dict[str, float]:
         """Cheap signals logged every `log_every` steps, averaged over processes where it matters."""
         acc, tcfg = self.accelerator, self.config.train
-        loss = acc.reduce(torch.tensor(loss, device=acc.device), reduction="mean").item()
+        loss = acc.reduce(loss.detach().clone(), reduction="mean").item()
         samples = steps * tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * acc.num_processes
         return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
                 "train/temperature": math.exp(-self.unwrapped.logit_scale.item()),
-                "train/grad_norm": float(grad_norm), "train/samples_per_s": samples / max(elapsed, 1e-9)}
+                "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "train/samples_per_s": samples / max(elapsed, 1e-9)}
 
     def finish(self, wall_s: float) -> dict[str, float]:
         acc = self.accelerator
+        if self.stream is not None:
+            self.stream.close()
         metrics = self.evaluate(final=True)
-        skipped = acc.gather_for_metrics([sorted(self.skipped.rows)], use_gather_object=True)
-        n_skipped = len({row for rows in skipped for row in rows})
+        skipped = ckpt.gather_skipped(self.skipped)
         metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s,
-                        "train/skipped_images": float(n_skipped)})
-        if n_skipped:
-            acc.print(self.skipped.summary())
+                        "train/skipped_images": float(len(skipped.rows))})
+        if skipped.rows:
+            acc.print(skipped.summary())
         acc.wait_for_everyone()
         if acc.is_main_process:
             final = self.output_dir / "final"
@@ -295,12 +322,21 @@ class Trainer:
             with open(self.output_dir / "metrics.json", "w", encoding="utf-8") as f:
                 json.dump(metrics, f, indent=2)
             acc.print(f"saved the model to {final} and metrics to {self.output_dir / 'metrics.json'}")
-            publish(final, self.output_dir / "export", self.config.hub, acc)
+            publish(final, self.output_dir / "export", self.config.hub, acc, metrics)
         acc.end_training()
         return metrics
 
 
-def publish(final: Path, export_dir: Path, hub: HubConfig, accelerator: Accelerator) -> None:
+def check_geometry(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path) -> None:
+    if saved is not None and saved != now:
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        raise ConfigError(f"train.resume: {folder} was saved with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}; "
+                          f"now {', '.join(f'{k}={b}' for k, (_, b) in changed.items())}. Resuming would read other "
+                          "examples than the interrupted run: keep them equal, or start a new run")
+
+
+def publish(final: Path, export_dir: Path, hub: HubConfig, accelerator: Accelerator,
+            metrics: dict[str, float]) -> None:
     """Export the final model for transformers / sentence-transformers, card it, and push it."""
     if not hub.export:
         return
@@ -308,6 +344,8 @@ def publish(final: Path, export_dir: Path, hub: HubConfig, accelerator: Accelera
     from .hub import ensure_model_card, push_with_config
 
     report = export_model(final, export_dir)
+    with open(export_dir / "metrics.json", "w", encoding="utf-8") as f:  # for the card; never uploaded
+        json.dump(metrics, f, indent=2)
     ensure_model_card(export_dir, hub.repo_id)
     accelerator.print(f"exported to {export_dir} ({report.native_class or 'sentence-transformers only'})")
     if hub.push:
@@ -317,8 +355,3 @@ def publish(final: Path, export_dir: Path, hub: HubConfig, accelerator: Accelera
 def train(config: Config) -> dict[str, float]:
     """Train the model `config` describes; returns the final metrics (also in metrics.json)."""
     return Trainer(config).run()
-
-
-def dump_config(config: Config, path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

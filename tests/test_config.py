@@ -32,6 +32,11 @@ def test_wrong_type_is_an_error(override, message):
         load_config(DEBUG_CONFIG, [override])
 
 
+def test_best_metric_must_name_an_evaluation():
+    with pytest.raises(ConfigError, match="eval.best_metric 'vall/top1' names no evaluation.*one of val"):
+        load_config(DEBUG_CONFIG, ["--eval.best_metric=vall/top1"])
+
+
 def test_yaml_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  output_dri: x\n")

@@ -58,6 +58,10 @@ def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji):
     assert a.keys() == b.keys()
     for name in a:
         assert (a[name] - b[name]).abs().max().item() < 1e-6, name
+    # a resume that would read other examples than the interrupted run is refused
+    shutil.rmtree(resumed / "checkpoints" / "step-00000006")
+    with pytest.raises(ValueError, match="per_device_batch_size=16.*now per_device_batch_size=8"):
+        train(debug_config(resumed, emoji_cache, *common, "--train.resume=latest", "--train.per_device_batch_size=8"))
     # and the run did move: step 3 differs from the end
     mid = load_file(full / "checkpoints" / "step-00000003" / "model.safetensors")
     assert any((mid[n] - a[n]).abs().max() > 1e-4 for n in a)
