@@ -180,11 +180,24 @@ def search(model: str, folder: str, queries: list[str], top_k: int = 5) -> tuple
     return results, cached
 
 
+def _thumbnail(path: str, size: int, load_image: Any) -> Any:
+    try:
+        image = load_image(path)
+    except Exception:  # drawn as an empty cell
+        return None
+    image.thumbnail((size, size))
+    return image
+
+
 def contact_sheet(results: list[dict], path: str | Path, thumb: int = 96) -> None:
     """One row per query: the query text, then its matches as thumbnails with their scores."""
     from PIL import Image, ImageDraw
 
+    from .data import load_image
+
     columns = max(len(r["matches"]) for r in results)
+    images = {m["image"]: _thumbnail(m["image"], thumb, load_image) for r in results for m in r["matches"]}
+    thumb = max([thumb // 2] + [im.height for im in images.values() if im is not None])  # no empty band
     label_width = 220
     sheet = Image.new("RGB", (label_width + columns * (thumb + 8), len(results) * (thumb + 24)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -193,14 +206,11 @@ def contact_sheet(results: list[dict], path: str | Path, thumb: int = 96) -> Non
         draw.text((6, top + thumb // 2), result["query"][:34], fill="black")
         for col, match in enumerate(result["matches"]):
             left = label_width + col * (thumb + 8)
-            try:
-                from .data import load_image
-
-                image = load_image(match["image"])
-                image.thumbnail((thumb, thumb))
-                sheet.paste(image, (left, top + 4))
-            except Exception:  # an unreadable file gets an empty cell
+            image = images[match["image"]]
+            if image is None:  # an unreadable file gets an empty red cell
                 draw.rectangle([left, top + 4, left + thumb, top + 4 + thumb], outline="red")
+            else:
+                sheet.paste(image, (left, top + 4))
             draw.text((left, top + thumb + 6), f"{match['score']:.3f}", fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)

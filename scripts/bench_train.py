@@ -57,7 +57,7 @@ def mmcl_step_fn(precision: str):
     loss_fn = ClipLoss()
 
     def step(batch):
-        loss, _ = training_step(accelerator, model, loss_fn, optimizer, dict(batch), 1.0)
+        loss, _, _ = training_step(accelerator, model, loss_fn, optimizer, dict(batch), 1.0)
         accelerator.unwrap_model(model).clamp_logit_scale()
         return loss
     return step, accelerator.device

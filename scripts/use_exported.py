@@ -16,16 +16,43 @@ import torch
 from PIL import Image
 
 
-def with_transformers(folder: str, images: list[Image.Image], labels: list[str]) -> torch.Tensor | None:
+def with_transformers(folder: str, images: list[Image.Image], labels: list[str]) -> tuple[str, torch.Tensor]:
+    """Native class when the export has one; otherwise each tower with AutoModel, pooled and
+    projected as the export's sentence-transformers configs say (plain transformers + torch)."""
     from transformers import AutoModel, AutoProcessor
 
-    if not (Path(folder) / "config.json").is_file():
-        return None  # no native transformers class for this model's pooling (see its model card)
-    model = AutoModel.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    inputs = processor(text=[f"{label}" for label in labels], images=images, return_tensors="pt", padding=True)
+    root = Path(folder)
+    scale = torch.tensor(json.loads((root / "mmcl_export.json").read_text())["logit_scale"]).exp()
+    if (root / "config.json").is_file():
+        model = AutoModel.from_pretrained(folder).eval()
+        inputs = AutoProcessor.from_pretrained(folder)(text=labels, images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return type(model).__name__, model(**inputs).logits_per_image.softmax(dim=-1)
+    text = tower_embeddings(root, "text", labels)
+    image = tower_embeddings(root, "image", images)
+    return "AutoModel per tower + pooling + projection", (scale * image @ text.T).softmax(dim=-1)
+
+
+def tower_embeddings(root: Path, side: str, inputs: list) -> torch.Tensor:
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    tower_dir = root / f"{side}_0_Transformer"
+    tower = AutoModel.from_pretrained(tower_dir).eval()
+    if side == "text":
+        batch = AutoTokenizer.from_pretrained(tower_dir)(inputs, padding=True, truncation=True, return_tensors="pt")
+    else:
+        batch = AutoImageProcessor.from_pretrained(tower_dir)(inputs, return_tensors="pt")
+    mode = json.loads((root / f"{side}_1_Pooling" / "config.json").read_text())["pooling_mode"]
     with torch.no_grad():
-        return model(**inputs).logits_per_image.softmax(dim=-1)  # (images, labels)
+        hidden = tower(**batch).last_hidden_state  # (B, T, H)
+        if mode == "mean":
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+        else:  # cls: the first token
+            pooled = hidden[:, 0]
+        projection = load_file(root / f"{side}_2_Dense" / "model.safetensors")["linear.weight"]  # (D, H)
+        return torch.nn.functional.normalize(pooled @ projection.T, dim=-1)
 
 
 def with_sentence_transformers(folder: str, images: list[Image.Image], labels: list[str]) -> torch.Tensor:
@@ -53,11 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     labels = [label.strip() for label in args.labels.split(",")]
     images = [Image.open(p).convert("RGB") for p in args.images]
-    native = with_transformers(args.folder, images, labels)
-    if native is not None:
-        show("transformers (AutoModel + AutoProcessor)", native, args.images, labels)
-    else:
-        print("== transformers: no native class for this pooling (the model card says why)")
+    route, probs = with_transformers(args.folder, images, labels)
+    show(f"transformers ({route})", probs, args.images, labels)
     show("sentence-transformers", with_sentence_transformers(args.folder, images, labels), args.images, labels)
     print(f"mmcl imported: {'mmcl' in sys.modules}")
 

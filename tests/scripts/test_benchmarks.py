@@ -1,0 +1,28 @@
+"""The benchmark programs still run against the current API (tiny sizes: a smoke test, no timing
+is asserted; speed is measured by running the scripts themselves)."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def run(*args):
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_train_runs():
+    out = run("scripts/bench_train.py", "--steps", "1", "--batch", "4", "--repeats", "1", "--precisions", "no")
+    assert "ratio" in out
+
+
+def test_bench_eval_runs_and_agrees():
+    out = run("scripts/bench_eval.py", "--images", "60", "--captions-per-image", "3", "--dim", "16")
+    assert "agree" in out
+
+
+def test_bench_data_runs(tmp_path):
+    out = run("scripts/bench_data.py", "--images", "40", "--size", "64", "--workers", "0", "--repeats", "1")
+    assert "ratio mmcl / plain" in out
