@@ -14,8 +14,10 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     from .train import train
 
     metrics = train(config)
-    shown = {k: round(v, 4) for k, v in metrics.items() if "R@" in k or k.endswith("wall_s")}
-    print(shown)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print({k: round(v, 4) for k, v in metrics.items() if "R@" in k or "top" in k or k.endswith("wall_s")})
     return 0
 
 
