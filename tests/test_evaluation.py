@@ -146,3 +146,37 @@ def test_rows_sharing_an_image_id_equal_a_caption_list(oracle):
     # without the id, each row would count as its own image: a different (worse) protocol
     c = run_eval(oracle.encoder, flat, EvalSpec(task="retrieval", dataset="d"), *common)
     assert c["images"] == 12 and c["text_to_image_R@1"] < 1.0
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_transformers_models_evaluate_through_the_same_path(tmp_path, kind):
+    """A CLIPModel or SiglipModel folder (tiny, random) loads with load_encoder and evaluates;
+    its embeddings are the model's own features, normalised."""
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    from mmcl.inference import load_encoder
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=120,
+                max_position_embeddings=64)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                  patch_size=4)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(text_config=dict(text, eos_token_id=3), vision_config=vision, projection_dim=8))
+    else:
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    model.save_pretrained(tmp_path)
+    train_wordpiece([f"a photo of a {c}." for c in COLORS], 120).save_pretrained(tmp_path)
+    build_image_processor(ModelConfig(image_size=16)).save_pretrained(tmp_path)
+    loaded = load_encoder(str(tmp_path))
+    assert loaded.text_padding == ("max_length" if kind == "siglip" else "longest")
+    spec = EvalSpec(task="zero_shot", dataset="colors")
+    results = run_eval(loaded.encoder, color_dataset(), spec, loaded.tokenizer, loaded.image_processor,
+                       Accelerator(cpu=True), EvalConfig(batch_size=4), loaded.max_length, loaded.text_padding)
+    assert 0.0 <= results["top1"] <= 1.0 and results["images"] == 18
+    pixels = loaded.image_processor(color_dataset(1)[0]["image"], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours = loaded.encoder.get_image_features(pixels)
+        ref = model.eval().get_image_features(pixel_values=pixels)
+    ref = getattr(ref, "pooler_output", ref)
+    assert torch.allclose(ours, F.normalize(ref, dim=-1), atol=1e-6)
