@@ -199,7 +199,7 @@ def metrics_for(folder: Path) -> dict[str, float] | None:
     return None
 
 
-def ensure_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
+def ensure_model_card(folder: str | Path, repo_id: str | None = None, model_name: str | None = None) -> Path:
     """Write `folder/README.md` from the saved training config and metrics unless there is one."""
     from .card import load_training_config, write_model_card
 
@@ -211,7 +211,7 @@ def ensure_model_card(folder: str | Path, repo_id: str | None = None) -> Path:
     if (folder / "mmcl_export.json").is_file():  # what the export could and could not express natively
         notes = json.loads((folder / "mmcl_export.json").read_text(encoding="utf-8")).get("notes")
     return write_model_card(folder, load_training_config(folder), metrics_for(folder), export_notes=notes,
-                            repo_id=repo_id)
+                            repo_id=repo_id, model_name=model_name)
 
 
 def push_with_config(folder: str | Path, hub: HubConfig) -> str:

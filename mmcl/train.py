@@ -346,7 +346,7 @@ def publish(final: Path, export_dir: Path, hub: HubConfig, accelerator: Accelera
     report = export_model(final, export_dir)
     with open(export_dir / "metrics.json", "w", encoding="utf-8") as f:  # for the card; never uploaded
         json.dump(metrics, f, indent=2)
-    ensure_model_card(export_dir, hub.repo_id)
+    ensure_model_card(export_dir, hub.repo_id, model_name=hub.repo_id or export_dir.parent.name)
     accelerator.print(f"exported to {export_dir} ({report.native_class or 'sentence-transformers only'})")
     if hub.push:
         accelerator.print(f"pushed to the Hub: {push_with_config(export_dir, hub)}")
