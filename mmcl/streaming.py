@@ -29,7 +29,8 @@ def is_webdataset(spec: str) -> bool:
 
 
 def load_stream(spec: str, cfg: DataConfig) -> datasets.IterableDataset:
-    """WebDataset shards (a folder of .tar files, a glob, or one .tar) or a Hub dataset, streamed."""
+    """WebDataset shards (a folder of .tar files, a glob, or one .tar), a Hub dataset, or a local
+    parquet / jsonl file (its image column holding embedded images or absolute paths), streamed."""
     if is_webdataset(spec):
         pattern = str(Path(spec) / "*.tar") if Path(spec).is_dir() else spec
         files = sorted(glob.glob(pattern))
@@ -42,6 +43,9 @@ def load_stream(spec: str, cfg: DataConfig) -> datasets.IterableDataset:
         if missing:
             ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True,
                                        features=datasets.Features({**ds.features, **missing}))
+    elif Path(spec).suffix.lower() in (".parquet", ".jsonl", ".json"):  # a local file, streamed like a Hub set
+        builder = "parquet" if spec.endswith(".parquet") else "json"
+        ds = datasets.load_dataset(builder, data_files={"train": spec}, split="train", streaming=True)
     else:
         ds = datasets.load_dataset(spec, cfg.dataset_config, split=cfg.train_split, streaming=True)
     for column, feature in (ds.features or {}).items():

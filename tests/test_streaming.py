@@ -85,3 +85,19 @@ def test_stream_resume_equals_uninterrupted(tmp_path, emoji_cache):
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     for name in a:
         assert (a[name] - b[name]).abs().max().item() < 1e-6, name
+
+
+def test_named_columns_stream_like_a_hub_dataset(tmp_path, emoji_cache, small_emoji):
+    """The Hub-streaming path (named image / caption columns, an Image() feature) on a local
+    parquet file: what a streamed Hub dataset yields, offline."""
+    import datasets
+
+    from mmcl.train import train
+
+    parquet = tmp_path / "pairs.parquet"
+    datasets.load_from_disk(small_emoji).to_parquet(str(parquet))
+    config = load_config(DEBUG_CONFIG, [f"--train.output_dir={tmp_path / 'run'}", f"--data.train={parquet}",
+                                        "--data.streaming=true", "--data.validation=null", "--train.max_steps=3",
+                                        "--train.checkpoint_every=0", "--hub.export=false", f"--data.cache_dir={emoji_cache}"])
+    metrics = train(config)
+    assert metrics["train/steps"] == 3.0 and metrics["train/skipped_images"] == 0.0
