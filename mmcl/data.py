@@ -194,6 +194,28 @@ def _describe(value: Any) -> str:
     return str(value)
 
 
+def make_pair(cell: Any, caption_cell: Any, image_processor: Any, seed_key: str, augment: Any = None,
+              min_size: int | None = None, fallback_id: bytes = b"") -> dict[str, Any]:
+    """One training example from an image cell and a caption cell (raises if either is unusable).
+
+    The randomness (augmentation, which caption of several) comes from `seed_key`, so it does not
+    depend on workers or processes. `image_id` hashes the image bytes (`fallback_id` for an
+    in-memory image): the same file in two rows is one image, and ClipLoss masks twins.
+    """
+    captions = caption_list(caption_cell)
+    if not captions:
+        raise ValueError(f"empty or non-text caption {caption_cell!r}")
+    rng = random.Random(zlib.crc32(seed_key.encode()))
+    data = read_image_bytes(cell)
+    image = load_image(cell if data is None else data, min_size)
+    if augment is not None:
+        image = augment(image, rng)
+    caption = rng.choice(captions)
+    return {"pixel_values": image_processor(image, return_tensors="pt")["pixel_values"][0], "caption": caption,
+            "image_id": stable_id(data if data is not None else fallback_id),
+            "text_id": stable_id(caption.encode("utf-8"))}
+
+
 class Skipped(NamedTuple):
     row: int
     source: str  # the file path, or "<bytes>" for embedded images
@@ -220,7 +242,9 @@ class SkipCounter:
         return "\n".join(lines)
 
 
-def _captions(cell: Any) -> list[str]:
+def caption_list(cell: Any) -> list[str]:
+    """A caption cell (a string, or a list of them) -> its non-empty captions; [] for None, NaN,
+    numbers and other non-text values (a row with none is skipped)."""
     if isinstance(cell, str):
         cell = [cell]
     if not isinstance(cell, (list, tuple)):
@@ -252,21 +276,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _load(self, row: int) -> dict[str, Any]:
         example = self.ds[row]
-        captions = _captions(example[self.caption_column])
-        if not captions:
-            raise ValueError(f"empty or non-text caption {example[self.caption_column]!r}")
-        rng = random.Random(zlib.crc32(f"{self.seed}/{self.epoch}/{row}".encode()))
-        cell = example[self.image_column]
-        data = read_image_bytes(cell)
-        image = load_image(cell if data is None else data, self.min_size)
-        if self.augment is not None:
-            image = self.augment(image, rng)
-        caption = rng.choice(captions)
-        return {"pixel_values": self.image_processor(image, return_tensors="pt")["pixel_values"][0],
-                "caption": caption, "row": row,
-                # the same image file in two rows, or the same caption, is one "thing": see ClipLoss
-                "image_id": stable_id(data if data is not None else f"row:{row}".encode()),
-                "text_id": stable_id(caption.encode("utf-8"))}
+        item = make_pair(example[self.image_column], example[self.caption_column], self.image_processor,
+                         f"{self.seed}/{self.epoch}/{row}", self.augment, self.min_size, f"row:{row}".encode())
+        return {**item, "row": row}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         skipped: list[Skipped] = []
@@ -307,4 +319,4 @@ class PairCollator:
 def iter_captions(ds: datasets.Dataset, column: str, limit: int = 200_000) -> Iterator[str]:
     """Captions of the first `limit` rows, for training a tokenizer."""
     for cell in ds.select_columns([column]).select(range(min(limit, len(ds))))[column]:
-        yield from _captions(cell)
+        yield from caption_list(cell)

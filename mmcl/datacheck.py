@@ -1,7 +1,7 @@
 """`mmcl data check`: what is wrong with an image–caption source, before GPU hours go into it.
 
 Every image is decoded exactly as training decodes it (`mmcl.data.load_image`) and every caption
-is read as training reads it (`mmcl.data._captions`), so a row this check calls bad is a row
+is read as training reads it (`mmcl.data.caption_list`), so a row this check calls bad is a row
 training would skip, and the other way round. An image over `PIL.Image.MAX_IMAGE_PIXELS` is a
 decompression bomb: bad here and skipped in training (Pillow itself only warns up to twice the
 limit; `load_image` turns that warning into an error).
@@ -122,9 +122,9 @@ def iter_image_infos(ds: Any, column: str, num_workers: int = 0, keep_bytes: boo
 
 def caption_problem(cell: Any) -> str:
     """Why a caption cell gives training no caption ("" when it gives one)."""
-    from .data import _captions
+    from .data import caption_list
 
-    if _captions(cell):
+    if caption_list(cell):
         return ""
     if cell is None:
         return "missing (an empty cell, or NaN/NA/null in a CSV)"
@@ -265,7 +265,7 @@ def _check_images(ds: Any, cfg: DataConfig, report: DataReport, num_workers: int
 
 
 def _check_captions(ds: Any, cfg: DataConfig, report: DataReport, tokenizer: Any, limit: int) -> set[int]:
-    from .data import _captions, stable_id
+    from .data import caption_list, stable_id
 
     bad, kinds, groups, texts = set(), Counter(), _Groups(), {}
     longest, truncated, total = (0, -1, ""), 0, 0
@@ -286,7 +286,7 @@ def _check_captions(ds: Any, cfg: DataConfig, report: DataReport, tokenizer: Any
             if len(report.bad_caption_examples) < limit:
                 report.bad_caption_examples.append({"row": row, "value": repr(cell)[:100], "kind": problem})
             continue
-        for text in dict.fromkeys(_captions(cell)):  # a caption repeated inside one row counts once
+        for text in dict.fromkeys(caption_list(cell)):  # a caption repeated inside one row counts once
             key = stable_id(text.encode("utf-8"))  # the text_id training masks duplicates by
             groups.add(key, row)
             if key in groups.repeated and len(texts) < limit:

@@ -1,7 +1,7 @@
 """`mmcl data convert`: an image–caption source -> an HF dataset folder or WebDataset tar shards.
 
 A row is kept or skipped exactly as training would keep or skip it (the image decoded by
-`mmcl.data.load_image`, the caption read by `mmcl.data._captions`), so the converted set trains on
+`mmcl.data.load_image`, the caption read by `mmcl.data.caption_list`), so the converted set trains on
 the same pairs with nothing left to skip. Images are stored as their original encoded bytes.
 
 WebDataset layout, one sample per source row: `<key>.<ext>` (the image bytes; ext from the decoded
@@ -198,7 +198,7 @@ def convert_to_webdataset(spec: str, cfg: DataConfig, out_dir: str | Path, shard
         with one row per caption); without it, image_id is `stable_id` of the image bytes, the id
         training uses to keep the same image out of its own negatives.
     """
-    from .data import _captions
+    from .data import caption_list
 
     extra = [image_id_column] if image_id_column else []
     ds = _open_source(spec, cfg, split, out_dir, extra)
@@ -208,7 +208,7 @@ def convert_to_webdataset(spec: str, cfg: DataConfig, out_dir: str | Path, shard
             if info.data is None:
                 raise ConfigError(f"{spec}: row {info.row} holds a decoded image, not encoded bytes")
             ext = _extension(info.format)
-            meta = {"caption": _captions(cells[cfg.caption_column]),
+            meta = {"caption": caption_list(cells[cfg.caption_column]),
                     "image_id": cells[image_id_column] if image_id_column else info.image_id, "row": info.row}
             writer.add(f"{info.row:09d}", {ext: info.data, "json": json.dumps(meta, ensure_ascii=False).encode()})
             extensions[ext] += 1

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import ConfigError, DataConfig, EvalConfig, EvalSpec
-from .data import _captions, load_image, load_source, processor_min_size
+from .data import caption_list, load_image, load_source, processor_min_size
 from .metrics import class_embeddings, load_metric, per_class_accuracy
 from .templates import class_prompts, load_class_names, load_templates
 
@@ -142,7 +142,7 @@ def group_captions(ds: datasets.Dataset, spec: EvalSpec) -> tuple[datasets.Datas
     rows sharing an id are one image: its pixels are read from the first such row and its
     captions are those of all of them.
     """
-    captions = [_captions(cell) for cell in ds[spec.caption_column]]
+    captions = [caption_list(cell) for cell in ds[spec.caption_column]]
     if not spec.image_id_column:
         return ds, captions
     first: dict[Any, int] = {}

@@ -70,7 +70,7 @@ def embed(model: str, source: str, output: str, what: str = "both", image_column
     import numpy as np
 
     from .config import DataConfig
-    from .data import _captions, check_columns, load_source
+    from .data import caption_list, check_columns, load_source
 
     loaded, accelerator = _runtime(model)
     from .data import DISK_MARKERS
@@ -86,7 +86,7 @@ def embed(model: str, source: str, output: str, what: str = "both", image_column
         cfg = DataConfig(image_column=image_column, caption_column=caption_column)
         ds = check_columns(load_source(source, split, cfg), cfg, source)
         ids, images = [str(i) for i in range(len(ds))], ds
-        captions = [(_captions(c) or [""])[0] for c in ds[caption_column]]
+        captions = [(caption_list(c) or [""])[0] for c in ds[caption_column]]
     out: dict[str, Any] = {"ids": np.array(ids)}
     if what in ("image", "both"):
         embeds, valid = image_embeddings(loaded, accelerator, images, batch_size, image_column, progress=True)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import datasets
 
 from .config import ConfigError, DataConfig
-from .data import PairCollator, Skipped, _captions, load_image, processor_min_size, read_image_bytes, stable_id
+from .data import PairCollator, Skipped, caption_list, make_pair, processor_min_size, stable_id
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "jp2", "image")
 
@@ -54,10 +54,10 @@ def load_stream(spec: str, cfg: DataConfig) -> datasets.IterableDataset:
     return ds
 
 
-def pair_of(example: dict[str, Any], cfg: DataConfig) -> tuple[Any, list[str]]:
-    """(image cell, captions) of one streamed example: named columns, or WebDataset's
+def pair_of(example: dict[str, Any], cfg: DataConfig) -> tuple[Any, Any]:
+    """(image cell, caption cell) of one streamed example: named columns, or WebDataset's
     `<ext>` image and `json`/`txt` caption."""
-    image = example.get(cfg.image_column)
+    image = example.get(cfg.image_column)  # -> (image cell, caption cell)
     if image is None:
         image = next((example[k] for k in IMAGE_KEYS if example.get(k) is not None), None)
     if cfg.caption_column in example:
@@ -69,13 +69,16 @@ def pair_of(example: dict[str, Any], cfg: DataConfig) -> tuple[Any, list[str]]:
         cell = example.get("txt")
     if image is None:  # skipped and counted like any unreadable image
         raise ValueError(f"no image in this example (keys: {', '.join(example)}); set data.image_column")
-    return image, _captions(cell)
+    return image, cell
 
 
 def stream_captions(ds: datasets.IterableDataset, cfg: DataConfig, limit: int = 50_000) -> Iterator[str]:
     """Captions of the stream's first examples, for training a tokenizer."""
     for example in ds.take(limit):
-        yield from pair_of(example, cfg)[1]
+        try:
+            yield from caption_list(pair_of(example, cfg)[1])
+        except ValueError:  # an example without an image: its caption is still text
+            continue
 
 
 class StreamingPairs:
@@ -97,6 +100,7 @@ class StreamingPairs:
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.epoch, self.read = 0, 0
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers))
+        self.min_size = processor_min_size(image_processor)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -108,32 +112,19 @@ class StreamingPairs:
         self.epoch, self.read = int(state["epoch"]), int(state["read"])
 
     def _decode(self, item: tuple[int, int, dict[str, Any]]) -> dict[str, Any] | Skipped:
-        import random
-        import zlib
-
         epoch, index, example = item
         key = str(example.get("__key__", index))
         try:
-            cell, captions = pair_of(example, self.cfg)
-            if not captions:
-                raise ValueError("empty or non-text caption")
-            rng = random.Random(zlib.crc32(f"{self.seed}/{epoch}/{key}".encode()))
-            data = read_image_bytes(cell)
-            image = load_image(cell if data is None else data, processor_min_size(self.image_processor))
-            if self.augment is not None:
-                image = self.augment(image, rng)
-            caption = rng.choice(captions)
-            pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0]
-        except ConfigError:
-            raise
+            cell, caption_cell = pair_of(example, self.cfg)
+            pair = make_pair(cell, caption_cell, self.image_processor, f"{self.seed}/{epoch}/{key}", self.augment,
+                             self.min_size, key.encode())
         except Exception as err:  # a bad example is skipped and counted, never a crash
             source = f"{example.get('__url__', 'stream')}#{key}"
             return Skipped(stable_id(source.encode()), source, f"{type(err).__name__}: {err}"[:200])
         meta = example.get("json") if isinstance(example.get("json"), dict) else {}
-        image_key = str(meta["image_id"]).encode() if meta.get("image_id") is not None else data or key.encode()
-        return {"pixel_values": pixels, "caption": caption, "row": index, "skipped": [],
-                "image_id": stable_id(image_key),  # rows of one image (convert --image-id-column) share it
-                "text_id": stable_id(caption.encode("utf-8"))}
+        if meta.get("image_id") is not None:  # rows of one image (convert --image-id-column) share it
+            pair["image_id"] = stable_id(str(meta["image_id"]).encode())
+        return {**pair, "row": index, "skipped": []}
 
     def _examples(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """(epoch, index in the epoch, example) from the saved position on, epoch after epoch."""

@@ -20,7 +20,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 
 from . import checkpoint as ckpt
 from .augment import Augment
-from .config import Config, ConfigError, EvalSpec, HubConfig, TrainConfig
+from .config import Config, ConfigError, DataConfig, EvalSpec, HubConfig, TrainConfig
 from .data import PairCollator, PairDataset, SkipCounter, check_columns, iter_captions, load_source
 from .card import scrub_secrets
 from .evaluation import load_eval_dataset, run_eval, scalars
@@ -84,11 +84,14 @@ def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: 
     return tokenizer, image_processor
 
 
+def build_augment(data: DataConfig) -> Augment | None:
+    return Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
+
+
 def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any) -> torch.utils.data.DataLoader:
     data = config.data
-    augment = Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
     dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
-                          seed=config.train.seed, augment=augment)
+                          seed=config.train.seed, augment=build_augment(data))
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.train.per_device_batch_size, shuffle=True, drop_last=True,
         collate_fn=PairCollator(tokenizer, config.model.max_text_length),
@@ -106,10 +109,9 @@ def load_train_dataset(config: Config, accelerator: Accelerator) -> Any:
 def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
                  accelerator: Accelerator) -> StreamingPairs:
     data = config.data
-    augment = Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
     return StreamingPairs(train_ds, data, image_processor, PairCollator(tokenizer, config.model.max_text_length),
                           config.train.per_device_batch_size, config.train.seed, accelerator.process_index,
-                          accelerator.num_processes, data.shuffle_buffer, augment)
+                          accelerator.num_processes, data.shuffle_buffer, build_augment(data))
 
 
 def eval_specs(config: Config) -> dict[str, EvalSpec]:
