@@ -117,17 +117,22 @@ def _load_source(spec: str, split: str, cfg: DataConfig) -> datasets.Dataset:
 
 
 def check_columns(ds: datasets.Dataset, cfg: DataConfig, spec: str) -> datasets.Dataset:
-    """Fail at start, naming the source and the columns that exist, if a column is missing."""
-    for key in ("image_column", "caption_column"):
-        column = getattr(cfg, key)
+    """Training data: the image and caption columns must exist (see `require_columns`)."""
+    needed = {getattr(cfg, key): f"(data.{key})" for key in ("image_column", "caption_column")}
+    return require_columns(ds, spec, cfg.image_column, needed)
+
+
+def require_columns(ds: datasets.Dataset, name: str, image_column: str, needed: dict[str, str]) -> datasets.Dataset:
+    """Fail at start, naming the source, the missing column, why it is needed (`needed`: column ->
+    reason) and the columns that exist; fail on no rows; leave the images undecoded."""
+    for column, why in needed.items():
         if column not in ds.column_names:
-            raise ConfigError(f"{spec}: no column '{column}' (data.{key}); columns are: "
-                              f"{', '.join(ds.column_names)}")
+            raise ConfigError(f"{name}: no column '{column}' {why}; columns are: {', '.join(ds.column_names)}")
     if len(ds) == 0:
-        raise ConfigError(f"{spec}: the dataset has no rows")
-    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        raise ConfigError(f"{name}: the dataset has no rows")
+    if isinstance(ds.features[image_column], datasets.Image):
         # decode ourselves, lazily, so that one corrupt file is skipped instead of crashing
-        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
 
 

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from .config import ConfigError, DataConfig, EvalConfig, EvalSpec
-from .data import caption_list, load_image, load_source, processor_min_size
+from .data import caption_list, load_image, load_source, processor_min_size, require_columns
 from .metrics import class_embeddings, load_metric, per_class_accuracy
 from .templates import class_prompts, load_class_names, load_templates
 
@@ -220,19 +220,11 @@ def load_eval_dataset(spec: EvalSpec, data: DataConfig) -> datasets.Dataset:
     source = replace(data, image_column=spec.image_column, caption_column=spec.caption_column,
                      dataset_config=spec.dataset_config)
     ds = load_source(spec.dataset, spec.split, source)
-    needed = [spec.image_column, spec.caption_column if spec.task == "retrieval" else spec.label_column]
-    needed += [spec.image_id_column] if spec.image_id_column and spec.task == "retrieval" else []
-    for column in needed:
-        if column not in ds.column_names:
-            raise ConfigError(f"{spec.dataset}: no column '{column}' for the {spec.task} task; columns are: "
-                              f"{', '.join(ds.column_names)}")
-    if len(ds) == 0:
-        raise ConfigError(f"{spec.dataset} (split {spec.split}): the dataset has no rows")
-    if spec.max_samples:
-        ds = ds.select(range(min(spec.max_samples, len(ds))))
-    if isinstance(ds.features[spec.image_column], datasets.Image):
-        ds = ds.cast_column(spec.image_column, datasets.Image(decode=False))
-    return ds
+    columns = [spec.image_column, spec.caption_column if spec.task == "retrieval" else spec.label_column]
+    columns += [spec.image_id_column] if spec.image_id_column and spec.task == "retrieval" else []
+    ds = require_columns(ds, f"{spec.dataset} (split {spec.split})", spec.image_column,
+                         {column: f"for the {spec.task} task" for column in columns})
+    return ds.select(range(min(spec.max_samples, len(ds)))) if spec.max_samples else ds
 
 
 def run_eval(model: Any, ds: datasets.Dataset, spec: EvalSpec, tokenizer: Any, image_processor: Any,
