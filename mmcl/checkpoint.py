@@ -11,19 +11,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from .artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, replace_dir, save_training_config,
+                        staging_dir, write_json)
 from .config import Config, ConfigError
-from .data import SkipCounter, Skipped
+from .data.pairs import SkipCounter, Skipped
 
-STATE_NAME = "mmcl_train_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    folder = output_dir / "checkpoints"
+    folder = output_dir / CHECKPOINTS_DIR
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if STEP_DIR.match(p.name) and (p / STATE_NAME).is_file()]
@@ -44,20 +45,8 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` to `final`; an older `final` is removed only afterwards."""
-    old = final.with_name(f".old-{final.name}")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def gather_skipped(skipped: SkipCounter) -> SkipCounter:
     """Every process's skipped rows in one counter (call it on all processes)."""
-    from accelerate.utils import gather_object
-
     merged = SkipCounter()
     for rows, examples in gather_object([(sorted(skipped.rows), list(skipped.examples))]):
         merged.rows.update(rows)
@@ -70,8 +59,8 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
     """Write the full training state (model, optimizer, scheduler, RNG, every process's skipped
     rows and position in a training stream, and `extra`) at `step`, atomically."""
     skipped = gather_skipped(skipped)
-    folder = output_dir / "checkpoints"
-    final, tmp = folder / f"step-{step:08d}", folder / f".tmp-step-{step:08d}"
+    final = output_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
+    tmp = staging_dir(final)  # written by every process, renamed into place by the main one
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -85,7 +74,7 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
                  "skipped_examples": [s._asdict() for s in skipped.examples], **(extra or {})}
         with open(tmp / STATE_NAME, "w", encoding="utf-8") as f:
             json.dump(state, f)  # written last: its presence marks the checkpoint complete
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
         for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -125,16 +114,10 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config,
                info: dict[str, Any] | None = None) -> None:
     """The trained model with its tokenizer, image processor and resolved config, atomically;
     `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    from .card import scrub_secrets
-
-    with open(tmp / "mmcl_training_config.yaml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(scrub_secrets(config.to_dict()), f, sort_keys=False)  # nothing secret-looking
-    if info:
-        with open(tmp / "mmcl_info.json", "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-    _replace_dir(tmp, final)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
+        save_training_config(tmp, config.to_dict())  # nothing secret-looking
+        if info:
+            write_json(tmp / INFO_NAME, info)

@@ -1,13 +1,15 @@
-"""Load any supported image–text model for inference behind one small interface.
+"""Load any supported image–text model, with its tokenizer and image processor, as one bundle.
 
 `load_encoder(name)` accepts an mmcl folder, or a `CLIPModel`, `SiglipModel` or
-`VisionTextDualEncoderModel` folder or Hub id, and returns an `Encoder` whose
-`get_text_features` / `get_image_features` give unit-norm embeddings, plus the tokenizer and the
-image processor saved with it.
+`VisionTextDualEncoderModel` folder or Hub id, and returns an `EncoderBundle`: an `Encoder`
+(see `mmcl.model`) plus what turns texts and images into its inputs. This is the only place that
+loads a saved model for use; evaluation, `mmcl predict / embed / search` and the export probes
+all take the bundle.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,17 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CONFIG_NAME, DualEncoder
+from .artifacts import MODEL_CONFIG_NAME, is_hub_id, trained_max_length
+from .config import ConfigError
+from .model import DualEncoder, DualEncoderOutput, Encoder
 
 SUPPORTED = ("clip", "siglip", "siglip2", "vision-text-dual-encoder")
 
 
 class HFEncoder(nn.Module):
-    """Adapts a transformers dual encoder to mmcl's encoder interface (unit-norm features)."""
+    """A transformers dual encoder (CLIP, SigLIP, VisionTextDualEncoder) as an mmcl `Encoder`:
+    unit-norm features, and `forward` returning a `DualEncoderOutput`."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        config = model.config
+        self.embed_dim: int = getattr(config, "projection_dim", None) or config.vision_config.hidden_size
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
 
     @staticmethod
     def _tensor(out: Any) -> torch.Tensor:
@@ -40,41 +51,87 @@ class HFEncoder(nn.Module):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.normalize(self._tensor(self.model.get_image_features(pixel_values=pixel_values)), dim=-1)
 
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> DualEncoderOutput:
+        text = None if input_ids is None else self.get_text_features(input_ids, attention_mask)
+        image = None if pixel_values is None else self.get_image_features(pixel_values)
+        return DualEncoderOutput(image, text, self.logit_scale)
+
 
 @dataclass
-class Loaded:
-    encoder: nn.Module  # get_text_features / get_image_features -> unit-norm (B, D)
+class EncoderBundle:
+    """A loaded model and what prepares its inputs."""
+
+    encoder: Encoder  # get_text_features / get_image_features -> unit-norm (B, D)
     tokenizer: Any
     image_processor: Any
     text_padding: str = "longest"  # SigLIP was trained on max_length padding and needs it
     max_length: int = 77  # captions are truncated to this many tokens
+    name: str = ""  # the folder or Hub id it was loaded from
+
+    def to(self, device: torch.device | str) -> "EncoderBundle":
+        self.encoder.to(device)
+        return self
 
 
-def load_encoder(name: str, trust_remote_code: bool = False) -> Loaded:
-    """An mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+def check_model_reference(name: str) -> None:
+    """A clear error for a model folder that is not there or holds no model, before transformers
+    says something about connecting to the Hub."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not ((path / MODEL_CONFIG_NAME).is_file() or (path / "config.json").is_file()):
+            raise ConfigError(f"{name}: not a model folder (it has neither {MODEL_CONFIG_NAME} nor config.json); "
+                              "give an mmcl model folder (e.g. runs/NAME/final) or a transformers CLIP-format folder")
+    elif path.exists():
+        raise ConfigError(f"{name}: is a file; give a model folder (e.g. runs/NAME/final) or a Hub id")
+    elif not is_hub_id(name):
+        raise ConfigError(f"{name}: no such model folder")
 
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    image_processor = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if (Path(name) / CONFIG_NAME).is_file():
-        return Loaded(DualEncoder.from_pretrained(name).eval(), tokenizer, image_processor,
-                      max_length=_trained_max_length(Path(name)))
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if config.model_type not in SUPPORTED:
-        raise ValueError(f"{name} is a '{config.model_type}' model; mmcl evaluates mmcl folders and "
-                         f"{', '.join(SUPPORTED)} models")
-    model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code).eval()
-    siglip = config.model_type.startswith("siglip")
+
+def _hub_call(name: str, what: str, load: Any) -> Any:
+    """Run a transformers loader; turn its OSError (not found, offline) into a one-line error."""
+    try:
+        return load()
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = "" if Path(name).exists() else "not a local folder, and "
+        raise ConfigError(f"{name}: {where}cannot load its {what} ({first})") from err
+
+
+def load_processors(name: str | os.PathLike, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The (tokenizer, image processor) saved with a model (or in a run's `processor/` folder)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    name = str(name)
+    tokenizer = _hub_call(name, "tokenizer", lambda: AutoTokenizer.from_pretrained(
+        name, trust_remote_code=trust_remote_code))
+    image_processor = _hub_call(name, "image processor", lambda: AutoImageProcessor.from_pretrained(
+        name, trust_remote_code=trust_remote_code))
+    return tokenizer, image_processor
+
+
+def load_hf_dual_encoder(name: str, allowed: tuple[str, ...] = SUPPORTED, trust_remote_code: bool = False) -> Any:
+    """A transformers dual encoder (folder or Hub id) of one of the `allowed` model types."""
+    from transformers import AutoConfig, AutoModel
+
+    check_model_reference(name)
+    config = _hub_call(name, "config", lambda: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code))
+    if config.model_type not in allowed:
+        raise ConfigError(f"{name} is a '{config.model_type}' model; expected an mmcl folder or one of: "
+                          f"{', '.join(allowed)}")
+    return _hub_call(name, "weights", lambda: AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code))
+
+
+def load_encoder(name: str, trust_remote_code: bool = False) -> EncoderBundle:
+    """An mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id, in eval mode."""
+    check_model_reference(name)
+    if (Path(name) / MODEL_CONFIG_NAME).is_file():
+        tokenizer, image_processor = load_processors(name, trust_remote_code)
+        return EncoderBundle(DualEncoder.from_pretrained(name).eval(), tokenizer, image_processor,
+                             max_length=trained_max_length(name), name=name)
+    model = load_hf_dual_encoder(name, SUPPORTED, trust_remote_code).eval()
+    tokenizer, image_processor = load_processors(name, trust_remote_code)
+    siglip = model.config.model_type.startswith("siglip")
     max_length = 64 if siglip else min(77, getattr(tokenizer, "model_max_length", 77))
-    return Loaded(HFEncoder(model), tokenizer, image_processor, "max_length" if siglip else "longest", max_length)
-
-
-def _trained_max_length(folder: Path) -> int:
-    """The caption length the model was trained with (from its saved training config)."""
-    import yaml
-
-    path = folder / "mmcl_training_config.yaml"
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            return int(yaml.safe_load(f)["model"]["max_text_length"])
-    return 77
+    return EncoderBundle(HFEncoder(model), tokenizer, image_processor, "max_length" if siglip else "longest",
+                         max_length, name)

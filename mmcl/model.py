@@ -2,7 +2,12 @@
 one embedding space, and a learned temperature.
 
 `forward` returns L2-normalised `image_embeds` (B, D), `text_embeds` (B, D) and `logit_scale`
-(the log of the inverse temperature). The contrastive loss lives in `mmcl.loss`.
+(the log of the inverse temperature). The contrastive losses live in `mmcl.losses`.
+
+`Encoder` is the contract every consumer of a trained model relies on (evaluation, predict,
+export probes): `DualEncoder` implements it, and so do the adapters in `mmcl.inference` that wrap
+transformers' CLIPModel / SiglipModel / VisionTextDualEncoderModel. `DualEncoder.from_hf` and
+`DualEncoder.to_hf` are the one place that maps weights between mmcl and those CLIP formats.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +25,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from .config import ModelConfig
-
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "mmcl_config.json"
+from .artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME
 
 
 @dataclass
@@ -47,6 +49,27 @@ class DualEncoderOutput:
     logit_scale: torch.Tensor  # scalar, ln(1 / temperature)
 
 
+@runtime_checkable
+class Encoder(Protocol):
+    """What evaluation and inference need of an image–text model: unit-norm features, the
+    temperature and the embedding width. Calling it (`model(pixel_values=...)`,
+    `model(input_ids=..., attention_mask=...)`) returns a `DualEncoderOutput`, which is how a
+    model prepared by Accelerate (DDP / FSDP wrappers) must be run."""
+
+    embed_dim: int
+    logit_scale: torch.Tensor
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        ...
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def __call__(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None) -> DualEncoderOutput:
+        ...
+
+
 def _hidden_size(config: PretrainedConfig) -> int:
     for name in ("projection_dim_in", "hidden_size", "d_model", "embed_dim"):
         if isinstance(getattr(config, name, None), int):
@@ -57,7 +80,8 @@ def _hidden_size(config: PretrainedConfig) -> int:
     raise ValueError(f"cannot tell the output width of a {type(config).__name__}; set its hidden_size")
 
 
-def _tower_from_dict(config: dict[str, Any]) -> PreTrainedModel:
+def tower_from_dict(config: dict[str, Any]) -> PreTrainedModel:
+    """A tower at random init from a config dict with `model_type` (offline)."""
     config = dict(config)
     model_type = config.pop("model_type")
     return AutoModel.from_config(AutoConfig.for_model(model_type, **config))
@@ -95,8 +119,8 @@ class DualEncoder(nn.Module):
                  vision_model: PreTrainedModel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.text_model = text_model or _tower_from_dict(config.text_config)
-        self.vision_model = vision_model or _tower_from_dict(config.vision_config)
+        self.text_model = text_model or tower_from_dict(config.text_config)
+        self.vision_model = vision_model or tower_from_dict(config.vision_config)
         # A pooler head that the pooling choice never calls would get no gradient, which DDP
         # rejects; drop it (BERT, ViT and most towers skip a pooler that is None).
         for tower, how in ((self.text_model, config.text_pooling), (self.vision_model, config.vision_pooling)):
@@ -109,6 +133,10 @@ class DualEncoder(nn.Module):
         self.text_projection = nn.Linear(text_width, config.projection_dim, bias=False)
         self.visual_projection = nn.Linear(vision_width, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.projection_dim
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                           **kwargs: Any) -> torch.Tensor:
@@ -149,75 +177,67 @@ class DualEncoder(nn.Module):
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         save_model(self, str(path / WEIGHTS_NAME))
-        with open(path / CONFIG_NAME, "w", encoding="utf-8") as f:
+        with open(path / MODEL_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(asdict(self.config), f, indent=2, default=str)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "DualEncoder":
         path = Path(directory)
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not an mmcl model folder")
-        with open(path / CONFIG_NAME, encoding="utf-8") as f:
+        if not (path / MODEL_CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path} has no {MODEL_CONFIG_NAME}: not an mmcl model folder")
+        with open(path / MODEL_CONFIG_NAME, encoding="utf-8") as f:
             model = cls(DualEncoderConfig(**json.load(f)))
         load_model(model, str(path / WEIGHTS_NAME))
         return model.eval()
 
+    @classmethod
+    def from_hf(cls, source: PreTrainedModel, init_temperature: float = 0.07,
+                max_logit_scale: float = 100.0) -> "DualEncoder":
+        """A dual encoder holding the weights of a `CLIPModel` or `VisionTextDualEncoderModel`.
 
-def _tower_dict(model: PreTrainedModel) -> dict[str, Any]:
-    # to_dict keeps model_type; diff-free dicts rebuild the exact architecture offline
-    return model.config.to_dict()
+        Both project their towers' `pooler_output` (CLIP: the EOS token / the post-normed CLS),
+        so the result pools with "pooler" on both sides; the temperature is the source's.
+        """
+        text, vision = source.text_model, source.vision_model
+        dual = cls(DualEncoderConfig(
+            text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
+            text_pooling="pooler", vision_pooling="pooler", projection_dim=source.text_projection.out_features,
+            init_temperature=init_temperature, max_logit_scale=max_logit_scale), text, vision)
+        dual.text_projection.load_state_dict(source.text_projection.state_dict())
+        dual.visual_projection.load_state_dict(source.visual_projection.state_dict())
+        dual.logit_scale.data.copy_(source.logit_scale.data)
+        return dual
 
+    def hf_class(self) -> tuple[str | None, str | None]:
+        """(the transformers class that can hold this model, or None; why not, if None)."""
+        from transformers import CLIPTextModel, CLIPVisionModel
 
-def build_model(cfg: ModelConfig) -> DualEncoder:
-    """Build the dual encoder that `cfg` describes (pretrained towers, configs, or a checkpoint)."""
-    if cfg.init_from:
-        from .convert import load_clip_format
+        cfg = self.config
+        if cfg.text_pooling != "pooler" or cfg.vision_pooling != "pooler":
+            return None, (f"pooling text={cfg.text_pooling!r}, vision={cfg.vision_pooling!r} has no native "
+                          "transformers class: CLIPModel and VisionTextDualEncoderModel project each tower's "
+                          "pooler_output, so only pooling 'pooler' on both towers can be expressed; use the "
+                          "sentence-transformers route")
+        if isinstance(self.text_model, CLIPTextModel) and isinstance(self.vision_model, CLIPVisionModel):
+            return "CLIPModel", None
+        return "VisionTextDualEncoderModel", None
 
-        model = load_clip_format(cfg.init_from, cfg)
-    else:
-        text = _load_tower(cfg.text_model, cfg.text_config, cfg.trust_remote_code)
-        vision = _load_tower(cfg.vision_model, cfg.vision_config, cfg.trust_remote_code)
-        config = DualEncoderConfig(
-            text_config=_tower_dict(text), vision_config=_tower_dict(vision),
-            text_pooling=cfg.text_pooling, vision_pooling=cfg.vision_pooling,
-            projection_dim=cfg.projection_dim, init_temperature=cfg.init_temperature,
-            max_logit_scale=cfg.max_logit_scale)
-        model = DualEncoder(config, text, vision)
-    apply_freezing(model, cfg)
-    return model
+    def to_hf(self, name: str) -> PreTrainedModel:
+        """A `CLIPModel` / `VisionTextDualEncoderModel` (see `hf_class`) with these weights, in eval mode."""
+        from transformers import CLIPConfig, CLIPModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
-
-def _load_tower(name: str | None, config: dict[str, Any], trust_remote_code: bool) -> PreTrainedModel:
-    if name:
-        return AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
-    return _tower_from_dict(config)
-
-
-def _blocks(tower: nn.Module) -> nn.ModuleList:
-    """The tower's stack of transformer blocks / stages: its largest ModuleList."""
-    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"cannot find the layer stack of {type(tower).__name__} to unlock")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-
-
-def _lock(tower: nn.Module, unlocked_layers: int) -> None:
-    """Freeze a tower except its last `unlocked_layers` blocks and everything after them."""
-    names = [n for n, _ in tower.named_parameters()]
-    keep_from = len(names)
-    if unlocked_layers > 0:
-        blocks = _blocks(tower)
-        if unlocked_layers > len(blocks):
-            raise ValueError(f"cannot unlock the last {unlocked_layers} layers of {type(tower).__name__}: "
-                             f"it has {len(blocks)}")
-        first = {id(p) for p in blocks[-unlocked_layers].parameters()}
-        keep_from = next(i for i, (_, p) in enumerate(tower.named_parameters()) if id(p) in first)
-    for i, (_, param) in enumerate(tower.named_parameters()):
-        param.requires_grad_(i >= keep_from)
-
-
-def apply_freezing(model: DualEncoder, cfg: ModelConfig) -> None:
-    if cfg.lock_vision:
-        _lock(model.vision_model, cfg.unlock_vision_layers)
-    if cfg.lock_text:
-        _lock(model.text_model, cfg.unlock_text_layers)
+        text, vision = self.text_model, self.vision_model
+        dim, scale = self.config.projection_dim, self.logit_scale.item()
+        if name == "CLIPModel":
+            native = CLIPModel(CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
+                                          projection_dim=dim, logit_scale_init_value=scale))
+            native.text_model.load_state_dict(text.state_dict())
+            native.vision_model.load_state_dict(vision.state_dict())
+        else:
+            config = VisionTextDualEncoderConfig.from_vision_text_configs(
+                vision.config, text.config, projection_dim=dim, logit_scale_init_value=scale)
+            native = VisionTextDualEncoderModel(config, vision_model=vision, text_model=text)
+        native.text_projection.load_state_dict(self.text_projection.state_dict())
+        native.visual_projection.load_state_dict(self.visual_projection.state_dict())
+        native.logit_scale.data.copy_(self.logit_scale.data)
+        return native.eval()

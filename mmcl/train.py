@@ -1,13 +1,13 @@
 """The training loop: one loop, through Accelerate, for one CPU or many GPUs.
 
-prepare -> accumulate -> forward -> ClipLoss -> backward -> clip_grad_norm_ -> step ->
+prepare -> accumulate -> forward -> loss -> backward -> clip_grad_norm_ -> step ->
 clamp temperature -> schedule -> log / evaluate / checkpoint. The rules of training dynamics
-(weight decay groups, temperature clamp, freezing) are here and in `mmcl.model`, nowhere else.
+(weight decay groups, temperature clamp, freezing) are here, in `mmcl.model` and in `mmcl.build`,
+nowhere else. Publishing the result (export, model card, Hub) is `mmcl.publish`'s job, after this.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -19,16 +19,18 @@ from accelerate.utils import send_to_device, set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
-from .augment import Augment
-from .config import Config, ConfigError, DataConfig, EvalSpec, HubConfig, TrainConfig
-from .data import PairCollator, PairDataset, SkipCounter, check_columns, iter_captions, load_source
-from .card import scrub_secrets
-from .evaluation import load_eval_dataset, run_eval, scalars
-from .logging_utils import build_trackers, flatten, progress_bar
-from .loss import ClipLoss
-from .model import DualEncoder, build_model
-from .streaming import StreamingPairs, load_stream, stream_captions
-from .processing import build_image_processor, build_tokenizer, fit_text_config, load_processors
+from .artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, PROCESSOR_DIR, scrub_secrets, write_json
+from .build import build_image_processor, build_model, build_tokenizer, fit_text_config
+from .config import Config, ConfigError, DataConfig, EvalSpec, TrainConfig
+from .data.augment import Augment
+from .data.pairs import PairCollator, PairDataset, SkipCounter, iter_captions
+from .data.sources import load_pairs, load_stream
+from .data.streaming import StreamingPairs, stream_captions
+from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
+from .inference import EncoderBundle, load_processors
+from .losses import build_loss
+from .model import DualEncoder
+from .tracking import build_trackers, flatten, progress_bar
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -70,7 +72,7 @@ def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: 
     Tokenizer training is not deterministic (ties between merges), so it runs once, on the main
     process; the other processes, and a resumed run, load what it saved.
     """
-    saved = output_dir / "processor"
+    saved = output_dir / PROCESSOR_DIR
     with accelerator.main_process_first():
         if (resuming or not accelerator.is_main_process) and (saved / "tokenizer_config.json").is_file():
             return load_processors(saved, config.model.trust_remote_code)
@@ -98,12 +100,11 @@ def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_proc
         num_workers=config.data.num_workers, persistent_workers=False)
 
 
-def load_train_dataset(config: Config, accelerator: Accelerator) -> Any:
-    data = config.data
+def load_train_dataset(data: DataConfig, accelerator: Accelerator) -> Any:
     if data.streaming:
-        return load_stream(data.train, data)
+        return load_stream(data.train_source())
     with accelerator.main_process_first():  # a built-in dataset is built once, then read
-        return check_columns(load_source(data.train, data.train_split, data), data, data.train)
+        return load_pairs(data.train_source(), data.cache_dir, data.emoji_image_size)
 
 
 def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
@@ -118,9 +119,8 @@ def eval_specs(config: Config) -> dict[str, EvalSpec]:
     """`data.validation` as the retrieval eval named "val", plus the named `eval.sets`."""
     data, specs = config.data, {}
     if data.validation:
-        specs["val"] = EvalSpec(task="retrieval", dataset=data.validation, split=data.validation_split,
-                                dataset_config=data.dataset_config, image_column=data.image_column,
-                                caption_column=data.caption_column, every=config.train.eval_every,
+        source = data.validation_source()
+        specs["val"] = EvalSpec(**vars(source), task="retrieval", every=config.train.eval_every,
                                 max_samples=data.max_validation_samples)
     specs.update(config.eval.sets)
     return specs
@@ -128,11 +128,13 @@ def eval_specs(config: Config) -> dict[str, EvalSpec]:
 
 def load_eval_datasets(config: Config, accelerator: Accelerator) -> dict[str, tuple[EvalSpec, Any]]:
     """Every evaluation's data, loaded at start so that a bad column fails before training."""
+    data = config.data
     with accelerator.main_process_first():
-        return {name: (spec, load_eval_dataset(spec, config.data)) for name, spec in eval_specs(config).items()}
+        return {name: (spec, load_eval_dataset(spec, data.cache_dir, data.emoji_image_size))
+                for name, spec in eval_specs(config).items()}
 
 
-def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: ClipLoss,
+def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                   max_grad_norm: float | None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """One micro-batch; returns its loss, whether this was an optimizer step (the last
@@ -159,7 +161,7 @@ class Trainer:
         self.output_dir = Path(tcfg.output_dir)
         self.accelerator = acc = build_accelerator(tcfg)
         set_seed(tcfg.seed)
-        self.train_ds = load_train_dataset(config, acc)
+        self.train_ds = load_train_dataset(config.data, acc)
         self.evals = load_eval_datasets(config, acc)
         self.best: float | None = None
         resume_dir = ckpt.resolve_resume(tcfg.resume, self.output_dir)
@@ -183,7 +185,7 @@ class Trainer:
                                   f"({tcfg.per_device_batch_size} x {acc.num_processes} processes); lower "
                                   "train.per_device_batch_size")
         acc.register_for_checkpointing(self.scheduler)
-        self.loss_fn = ClipLoss()
+        self.loss_fn = build_loss(config.loss)
         self.skipped = SkipCounter()
         self.step = 0
         if resume_dir is not None:
@@ -191,7 +193,7 @@ class Trainer:
             self.step, self.best = int(state["step"]), state.get("best")
             check_geometry(state.get("geometry"), self.geometry(), resume_dir)
         elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
-            (self.output_dir / "logs" / "metrics.jsonl").unlink(missing_ok=True)
+            (self.output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
 
     def geometry(self) -> dict[str, Any]:
         """What decides which examples a step reads: a resume must keep it."""
@@ -206,6 +208,11 @@ class Trainer:
     @property
     def unwrapped(self) -> DualEncoder:
         return self.accelerator.unwrap_model(self.model)
+
+    def bundle(self) -> EncoderBundle:
+        """The prepared model (DDP's wrapper included) with its inputs' makers, for evaluation."""
+        return EncoderBundle(self.model, self.tokenizer, self.image_processor,
+                             max_length=self.config.model.max_text_length)
 
     def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         self.skipped.add(batch.pop("skipped"))
@@ -233,8 +240,7 @@ class Trainer:
         for name, (spec, ds) in self.evals.items():
             if not (final or (spec.every and self.step % spec.every == 0)):
                 continue
-            results = run_eval(self.unwrapped, ds, spec, self.tokenizer, self.image_processor, self.accelerator,
-                               self.config.eval, max_length=self.config.model.max_text_length)
+            results = run_eval(self.bundle(), ds, spec, self.accelerator, self.config.eval)
             metrics.update(scalars(name, results))
             self.draw_confusion(spec, results)
         if metrics:
@@ -246,7 +252,7 @@ class Trainer:
 
     def draw_confusion(self, spec: EvalSpec, results: dict[str, Any]) -> None:
         if spec.confusion_matrix and "confusion" in results and self.accelerator.is_main_process:
-            from .plots import save_confusion_png
+            from .evaluation.plots import save_confusion_png
 
             save_confusion_png(results["confusion"], list(results["per_class_accuracy"]), spec.confusion_matrix)
 
@@ -260,7 +266,7 @@ class Trainer:
             return
         self.best = value
         if self.accelerator.is_main_process:
-            ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, self.output_dir / "best",
+            ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, self.output_dir / BEST_DIR,
                             info={"step": self.step, "metric": key, "value": value})
         self.accelerator.wait_for_everyone()
 
@@ -319,12 +325,10 @@ class Trainer:
             acc.print(skipped.summary())
         acc.wait_for_everyone()
         if acc.is_main_process:
-            final = self.output_dir / "final"
+            final = self.output_dir / FINAL_DIR
             ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, final)
-            with open(self.output_dir / "metrics.json", "w", encoding="utf-8") as f:
-                json.dump(metrics, f, indent=2)
-            acc.print(f"saved the model to {final} and metrics to {self.output_dir / 'metrics.json'}")
-            publish(final, self.output_dir / "export", self.config.hub, acc, metrics)
+            write_json(self.output_dir / METRICS_NAME, metrics)
+            acc.print(f"saved the model to {final} and metrics to {self.output_dir / METRICS_NAME}")
         acc.end_training()
         return metrics
 
@@ -337,23 +341,7 @@ def check_geometry(saved: dict[str, Any] | None, now: dict[str, Any], folder: Pa
                           "examples than the interrupted run: keep them equal, or start a new run")
 
 
-def publish(final: Path, export_dir: Path, hub: HubConfig, accelerator: Accelerator,
-            metrics: dict[str, float]) -> None:
-    """Export the final model for transformers / sentence-transformers, card it, and push it."""
-    if not hub.export:
-        return
-    from .export import export_model
-    from .hub import ensure_model_card, push_with_config
-
-    report = export_model(final, export_dir)
-    with open(export_dir / "metrics.json", "w", encoding="utf-8") as f:  # for the card; never uploaded
-        json.dump(metrics, f, indent=2)
-    ensure_model_card(export_dir, hub.repo_id, model_name=hub.repo_id or export_dir.parent.name)
-    accelerator.print(f"exported to {export_dir} ({report.native_class or 'sentence-transformers only'})")
-    if hub.push:
-        accelerator.print(f"pushed to the Hub: {push_with_config(export_dir, hub)}")
-
-
 def train(config: Config) -> dict[str, float]:
-    """Train the model `config` describes; returns the final metrics (also in metrics.json)."""
+    """Train the model `config` describes; returns the final metrics (also in metrics.json).
+    `mmcl.publish.publish_run` then exports (and pushes) the final model, as `mmcl train` does."""
     return Trainer(config).run()

@@ -39,12 +39,12 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
 def run_mmcl(folder: Path, processor, workers: int, batch: int) -> float:
     import torch
 
-    from mmcl.config import DataConfig
-    from mmcl.data import PairCollator, PairDataset, check_columns, load_source
-    from mmcl.processing import train_wordpiece
+    from mmcl.build import train_wordpiece
+    from mmcl.config import SourceSpec
+    from mmcl.data.pairs import PairCollator, PairDataset
+    from mmcl.data.sources import load_pairs
 
-    cfg = DataConfig()
-    ds = check_columns(load_source(str(folder), "train", cfg), cfg, str(folder))
+    ds = load_pairs(SourceSpec(str(folder)))
     tokenizer = train_wordpiece(["image number 0 1 2 3 4 5 6 7 8 9"], 100)
     loader = torch.utils.data.DataLoader(PairDataset(ds, "image", "caption", processor), batch_size=batch,
                                          num_workers=workers, collate_fn=PairCollator(tokenizer, 16))

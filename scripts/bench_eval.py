@@ -1,4 +1,4 @@
-"""Retrieval-metric cost: `mmcl.metrics.retrieval_metrics` (chunked, no similarity matrix, no sort)
+"""Retrieval-metric cost: `mmcl.evaluation.metrics.retrieval_metrics` (chunked, no similarity matrix, no sort)
 against the naive full-matrix way open_clip computes it (`logits = image_embeds @ text_embeds.T`,
 then a full `argsort` per direction), on the same synthetic embeddings.
 
@@ -70,7 +70,7 @@ def naive_retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor
 
 
 def mmcl_retrieval_recall(chunk_size: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, float]]:
-    from mmcl.metrics import retrieval_metrics
+    from mmcl.evaluation.metrics import retrieval_metrics
 
     def run(images: torch.Tensor, texts: torch.Tensor, text_to_image: torch.Tensor) -> dict[str, float]:
         out = retrieval_metrics(images, texts, text_to_image, ks=KS, chunk_size=chunk_size)

@@ -42,7 +42,7 @@ def synthetic(batch: int, device: str) -> dict[str, torch.Tensor]:
 def mmcl_step_fn(precision: str):
     from accelerate import Accelerator
 
-    from mmcl.loss import ClipLoss
+    from mmcl.losses import ClipLoss
     from mmcl.model import DualEncoder, DualEncoderConfig
     from mmcl.train import training_step
 

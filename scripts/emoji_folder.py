@@ -10,8 +10,8 @@ import argparse
 import csv
 from pathlib import Path
 
-from mmcl.data import default_cache_dir
-from mmcl.emoji_data import build_emoji_dataset
+from mmcl.data.sources import default_cache_dir
+from mmcl.data.emoji import build_emoji_dataset
 
 
 def main() -> None:

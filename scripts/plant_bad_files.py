@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmcl.data import default_cache_dir
-from mmcl.emoji_data import build_emoji_dataset
+from mmcl.data.sources import default_cache_dir
+from mmcl.data.emoji import build_emoji_dataset
 
 
 def plant(images: Path, base: Image.Image) -> list[tuple[str, str]]:

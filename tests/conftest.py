@@ -25,7 +25,7 @@ def emoji_cache() -> str:
 @pytest.fixture(scope="session")
 def small_emoji(emoji_cache, tmp_path_factory) -> str:
     """96 training emoji at 16 px as a `save_to_disk` folder: several epochs in a few steps."""
-    from mmcl.emoji_data import build_emoji_dataset
+    from mmcl.data.emoji import build_emoji_dataset
 
     ds = build_emoji_dataset(emoji_cache, image_size=16)["train"].select(range(96))
     path = tmp_path_factory.mktemp("small") / "emoji96"

@@ -6,7 +6,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from mmcl.checkpoint import STATE_NAME, checkpoints, resolve_resume
+from mmcl.artifacts import STATE_NAME
+from mmcl.checkpoint import checkpoints, resolve_resume
 from mmcl.config import load_config
 from mmcl.train import train
 from tests.conftest import DEBUG_CONFIG

@@ -1,0 +1,1 @@
+"""Applications of a trained model: zero-shot predict, embed, search (`apps.predict`)."""

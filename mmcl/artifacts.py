@@ -1,0 +1,180 @@
+"""What a run writes, and how: every file and folder name of a run or model folder, one way to
+write a folder atomically, the saved training config, and the scrubbing that keeps secrets out of
+everything written.
+
+A run folder (`train.output_dir`):
+
+    checkpoints/step-00000200/   full training state (Accelerate's files + mmcl_train_state.json)
+    processor/                   the tokenizer and image processor, saved once at the start
+    logs/metrics.jsonl           the tracker's log (or tensorboard files)
+    final/  best/                model folders: model.safetensors, mmcl_config.json, tokenizer,
+                                 image processor, mmcl_training_config.yaml (+ mmcl_info.json)
+    export/                      the model for transformers / sentence-transformers, with a card
+    metrics.json                 the final metrics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+# --- names -----------------------------------------------------------------------------------------
+WEIGHTS_NAME = "model.safetensors"
+MODEL_CONFIG_NAME = "mmcl_config.json"  # what DualEncoder.from_pretrained rebuilds the architecture from
+TRAINING_CONFIG_NAME = "mmcl_training_config.yaml"  # the resolved Config, scrubbed
+INFO_NAME = "mmcl_info.json"  # e.g. the step and metric value of a best model
+EXPORT_INFO_NAME = "mmcl_export.json"  # what an export holds and why
+STATE_NAME = "mmcl_train_state.json"  # written last into a checkpoint: its presence marks it complete
+METRICS_NAME = "metrics.json"
+CHECKPOINTS_DIR, PROCESSOR_DIR, LOGS_DIR = "checkpoints", "processor", "logs"
+FINAL_DIR, BEST_DIR, EXPORT_DIR = "final", "best", "export"
+LOG_NAME = "metrics.jsonl"
+
+
+# --- atomic folders --------------------------------------------------------------------------------
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished `tmp` to `final`; an older `final` is removed only afterwards."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(final: Path, unique: bool = False) -> Path:
+    """The hidden temporary folder beside `final` that is renamed to it when complete; `unique`
+    for writers that may race (each gets its own)."""
+    suffix = f"-{os.getpid()}-{uuid.uuid4().hex[:8]}" if unique else ""
+    return final.with_name(f".tmp-{final.name}{suffix}")
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`, renamed to `final` when the block succeeds
+    and removed when it fails: no reader, and no crash, ever sees a half-written `final`.
+
+    replace=False: when `final` appeared meanwhile (another process built the same thing), keep
+    that one and discard this copy.
+    """
+    final = Path(final)
+    tmp = staging_dir(final, unique=not replace)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if replace:
+            replace_dir(tmp, final)
+        elif not final.exists():
+            try:
+                os.replace(tmp, final)
+            except OSError:  # lost a race: `final` is there now
+                if not final.exists():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- secrets ---------------------------------------------------------------------------------------
+# A key containing any of these is dropped, with its whole value, before a config is written or
+# shown; "token" but not "tokenizer" (model.tokenizer is a setting, not a credential).
+_SECRET_KEY = re.compile(r"token(?!i[sz])|secret|password|passwd|api_?key|credential|private_key|access_key"
+                         r"|authorization")
+HF_TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{20,}")  # what a Hub token looks like
+
+
+def is_secret_key(key: Any) -> bool:
+    """`hf_token`, `OPENAI_API_KEY`, `db_password`, ... (case-insensitive); not `tokenizer`."""
+    return bool(_SECRET_KEY.search(str(key).lower()))
+
+
+def scrub_secrets(value: Any) -> Any:
+    """A copy of `value` without any dict key that looks like a credential (recursively, also
+    inside lists), and with Hub-token-shaped strings redacted."""
+    if isinstance(value, dict):
+        return {k: scrub_secrets(v) for k, v in value.items() if not is_secret_key(k)}
+    if isinstance(value, (list, tuple)):
+        return [scrub_secrets(v) for v in value]
+    if isinstance(value, str):
+        return HF_TOKEN_SHAPE.sub("<redacted>", value)
+    return value
+
+
+def secret_keys(value: Any, prefix: str = "") -> list[str]:
+    """The dotted paths of credential-like keys inside a nested dict / list."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            dotted = f"{prefix}{key}"
+            if is_secret_key(key):
+                found.append(dotted)
+            found += secret_keys(item, f"{dotted}.")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += secret_keys(item, f"{prefix}{i}.")
+    return found
+
+
+# --- references ------------------------------------------------------------------------------------
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_DATA_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv", ".arrow", ".yaml", ".yml", ".tar")
+
+
+def is_hub_id(name: str | None) -> bool:
+    """`org/name` or `name` that is not an existing local path nor a data file name."""
+    if not name or name.startswith(("builtin:", "pkg:")) or not _HUB_ID.match(name):
+        return False
+    return not Path(name).expanduser().exists() and not name.lower().endswith(_DATA_SUFFIXES)
+
+
+# --- the saved training config and metrics ---------------------------------------------------------
+def save_training_config(folder: Path, config: dict[str, Any]) -> None:
+    """The resolved config beside a model, without anything secret-looking."""
+    with open(folder / TRAINING_CONFIG_NAME, "w", encoding="utf-8") as f:
+        yaml.safe_dump(scrub_secrets(config), f, sort_keys=False)
+
+
+def load_training_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The resolved config saved beside a trained model, if any."""
+    path = Path(folder) / TRAINING_CONFIG_NAME
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def trained_max_length(folder: str | os.PathLike, default: int = 77) -> int:
+    """The caption length a model was trained with (from its saved training config)."""
+    config = load_training_config(folder) or {}
+    return int((config.get("model") or {}).get("max_text_length") or default)
+
+
+def write_json(path: Path, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None when it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def metrics_for(folder: Path) -> dict[str, float] | None:
+    """`metrics.json` in a model folder, else beside a `final` folder (`<output_dir>/metrics.json`);
+    a file that is not a JSON object is skipped."""
+    for path in (folder / METRICS_NAME, folder.parent / METRICS_NAME if folder.name == FINAL_DIR else None):
+        metrics = read_json(path) if path is not None else None
+        if isinstance(metrics, dict):
+            return metrics
+    return None

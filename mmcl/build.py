@@ -1,0 +1,139 @@
+"""Build what `ModelConfig` describes: the dual encoder (pretrained towers, towers from configs, or
+a whole CLIP-format checkpoint), its tokenizer and image processor, and the tower freezing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from torch import nn
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
+
+from .artifacts import MODEL_CONFIG_NAME
+from .config import ConfigError, ModelConfig
+from .inference import check_model_reference, load_hf_dual_encoder
+from .model import DualEncoder, DualEncoderConfig, tower_from_dict
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(captions: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A lower-casing BERT-style WordPiece tokenizer trained on `captions` (seconds).
+
+    [SEP] gets id 3, not 2: CLIP's text pooling takes a legacy path when eos_token_id == 2.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   bos_token="[CLS]", eos_token="[SEP]")
+
+
+def _source(cfg: ModelConfig, explicit: str | None, tower: str | None) -> str | None:
+    return explicit or tower or cfg.init_from
+
+
+def build_tokenizer(cfg: ModelConfig, captions: Iterable[str] | None = None) -> Any:
+    """The configured tokenizer; or, for a random-init text tower, one trained on `captions`."""
+    source = _source(cfg, cfg.tokenizer, cfg.text_model)
+    if source:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if captions is None:
+        raise ValueError("a random-init text tower needs model.tokenizer or captions to train one on")
+    return train_wordpiece(captions, cfg.tokenizer_vocab_size)
+
+
+def build_image_processor(cfg: ModelConfig) -> Any:
+    """The vision tower's image processor, or a plain resize + normalise to `image_size`."""
+    source = _source(cfg, cfg.image_processor, cfg.vision_model)
+    if source:
+        return AutoImageProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    from transformers import ViTImageProcessorPil  # the PIL backend: no torchvision needed
+
+    size = cfg.image_size
+    return ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def fit_text_config(cfg: ModelConfig, tokenizer: Any) -> None:
+    """Make a random-init text tower's config agree with a tokenizer it was not built for."""
+    if cfg.text_model or cfg.init_from:
+        return
+    cfg.text_config["vocab_size"] = len(tokenizer)
+    cfg.text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        cfg.text_config["eos_token_id"] = tokenizer.eos_token_id
+        cfg.text_config.setdefault("bos_token_id", tokenizer.bos_token_id)
+
+
+def build_model(cfg: ModelConfig) -> DualEncoder:
+    """The dual encoder `cfg` describes, with its towers frozen as configured."""
+    if cfg.init_from:
+        model = load_initial_model(cfg)
+    else:
+        text = build_tower(cfg.text_model, cfg.text_config, cfg.trust_remote_code)
+        vision = build_tower(cfg.vision_model, cfg.vision_config, cfg.trust_remote_code)
+        config = DualEncoderConfig(
+            text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),  # rebuilds offline
+            text_pooling=cfg.text_pooling, vision_pooling=cfg.vision_pooling,
+            projection_dim=cfg.projection_dim, init_temperature=cfg.init_temperature,
+            max_logit_scale=cfg.max_logit_scale)
+        model = DualEncoder(config, text, vision)
+    apply_freezing(model, cfg)
+    return model
+
+
+def load_initial_model(cfg: ModelConfig) -> DualEncoder:
+    """`init_from`: an mmcl folder, a `CLIPModel` or a `VisionTextDualEncoderModel` (folder or Hub id)."""
+    name = cfg.init_from
+    if (Path(name) / MODEL_CONFIG_NAME).is_file():
+        return DualEncoder.from_pretrained(name).train()
+    source = load_hf_dual_encoder(name, ("clip", "vision-text-dual-encoder"), cfg.trust_remote_code)
+    return DualEncoder.from_hf(source, cfg.init_temperature, cfg.max_logit_scale)
+
+
+def build_tower(name: str | None, config: dict[str, Any], trust_remote_code: bool) -> PreTrainedModel:
+    """A pretrained tower (folder / Hub id), or one at random init from a config dict with `model_type`."""
+    if name:
+        check_model_reference(name)
+        return AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return tower_from_dict(config)
+
+
+def _blocks(tower: nn.Module) -> nn.ModuleList:
+    """The tower's stack of transformer blocks / stages: its largest ModuleList."""
+    lists = [m for m in tower.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ConfigError(f"cannot find the layer stack of {type(tower).__name__} to unlock")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def _lock(tower: nn.Module, unlocked_layers: int) -> None:
+    """Freeze a tower except its last `unlocked_layers` blocks and everything after them."""
+    names = [n for n, _ in tower.named_parameters()]
+    keep_from = len(names)
+    if unlocked_layers > 0:
+        blocks = _blocks(tower)
+        if unlocked_layers > len(blocks):
+            raise ConfigError(f"cannot unlock the last {unlocked_layers} layers of {type(tower).__name__}: "
+                              f"it has {len(blocks)}")
+        first = {id(p) for p in blocks[-unlocked_layers].parameters()}
+        keep_from = next(i for i, (_, p) in enumerate(tower.named_parameters()) if id(p) in first)
+    for i, (_, param) in enumerate(tower.named_parameters()):
+        param.requires_grad_(i >= keep_from)
+
+
+def apply_freezing(model: DualEncoder, cfg: ModelConfig) -> None:
+    """LiT and friends: `lock_vision` / `lock_text`, keeping the last `unlock_*_layers` blocks trainable."""
+    if cfg.lock_vision:
+        _lock(model.vision_model, cfg.unlock_vision_layers)
+    if cfg.lock_text:
+        _lock(model.text_model, cfg.unlock_text_layers)

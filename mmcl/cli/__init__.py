@@ -1,0 +1,53 @@
+"""The `mmcl` command: one module per command group, and the only place argparse lives.
+
+Heavy libraries are imported inside the commands, so `mmcl --help` answers at once. Every error a
+user can cause (a wrong flag, file, key, column or model folder) ends the command with one line,
+`mmcl <command>: error: ...`, and exit status 2; a traceback means a bug in mmcl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from . import apps, data, evaluate, publish, train
+
+COMMAND_GROUPS = (train, evaluate, data, apps, publish)
+# What a user's mistake raises: mmcl's ConfigError (a ValueError), and the OS's word for a path.
+USER_ERRORS = ("ConfigError", "FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError",
+               "PermissionError")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): `mmcl predict: error: ... (see --help)`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="mmcl", description="Train, evaluate and publish CLIP-style image–text models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def _is_user_error(err: BaseException) -> bool:
+    return any(cls.__name__ in USER_ERRORS for cls in type(err).__mro__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra)
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,59 @@
+"""`mmcl eval MODEL --dataset SPEC --task zero_shot|retrieval ...`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..config import EvalConfig, EvalSpec, build_section
+
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(EvalSpec)}
+    spec = build_section(EvalSpec, {k: v for k, v in given.items() if v is not None}, "eval")
+    if not spec.dataset:
+        args.parser.error("the following arguments are required: --dataset")
+    cfg = build_section(EvalConfig, {"batch_size": args.batch_size, "chunk_size": args.chunk_size,
+                                     "retrieval_ks": args.ks}, "eval")
+    from accelerate import PartialState
+
+    from ..evaluation.evaluators import evaluate_model, format_results
+
+    results = evaluate_model(args.model, spec, cfg, cache_dir=args.cache_dir)
+    if not PartialState().is_main_process:  # every rank has the gathered results; one reports them
+        return 0
+    confusion = results.pop("confusion", None)
+    print(format_results(f"{spec.task} on {spec.dataset} ({spec.split})", results))
+    if spec.confusion_matrix and confusion is not None:
+        from ..evaluation.plots import save_confusion_png
+
+        save_confusion_png(confusion, list(results["per_class_accuracy"]), spec.confusion_matrix)
+        print(f"confusion matrix: {spec.confusion_matrix}")
+    if args.output:
+        record = {"model": args.model, "eval": dataclasses.asdict(spec), "results": results}
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+        print(f"results: {args.output}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    from ..config import EvalSpec
+
+    parser = sub.add_parser("eval", help="zero-shot classification or retrieval of a model on a dataset",
+                            description="mmcl eval MODEL --dataset SPEC [--task zero_shot|retrieval] ...; MODEL is "
+                                        "an mmcl folder or a CLIPModel / SiglipModel / VisionTextDualEncoderModel "
+                                        "folder or Hub id.")
+    parser.add_argument("model")
+    for f in dataclasses.fields(EvalSpec):  # every EvalSpec key is a flag: --label-column, --templates, ...
+        if f.name != "every":
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,
+                                help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    parser.add_argument("--batch-size", type=int, default=256, help="images or texts embedded at once")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="retrieval queries scored at once")
+    parser.add_argument("--ks", default="[1, 5, 10]", help="retrieval R@k list")
+    parser.add_argument("--cache-dir", default=None, help="where built-in datasets are cached")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.set_defaults(func=run, parser=parser)

@@ -1,0 +1,54 @@
+"""`mmcl export` and `mmcl push`: publishing a trained model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def export(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..publish.export import export_model
+
+    report = export_model(args.model_dir, args.out_dir)
+    print(f"exported to {args.out_dir}\n{report}")
+    return 0
+
+
+def push(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..publish.push import ensure_model_card, push_folder, require_token, select_files
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    require_token()  # before anything is written or sent
+    had_card = (folder / "README.md").is_file()
+    card = ensure_model_card(folder, args.repo_id)
+    if not had_card:
+        print(f"wrote the model card {card}")
+    print(f"uploading from {folder}: {', '.join(select_files(folder))}")
+    url = push_folder(folder, args.repo_id, private=args.private, revision=args.revision,
+                      commit_message=args.commit_message)
+    print(f"pushed to {args.repo_id}: {url}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("export", help="export a trained model for transformers / sentence-transformers",
+                            description="mmcl export MODEL_DIR OUT_DIR: a folder that loads without mmcl, with "
+                                        "transformers (when the pooling allows) and sentence-transformers.")
+    parser.add_argument("model_dir", help="an mmcl model folder (e.g. runs/NAME/final)")
+    parser.add_argument("out_dir", help="the folder to write: new, empty, or an earlier export (replaced)")
+    parser.set_defaults(func=export, parser=parser)
+    parser = sub.add_parser(
+        "push", help="upload a trained model folder to the Hugging Face Hub",
+        description="Upload the model files of FOLDER (weights as safetensors, configs, tokenizer and processor, "
+                    "sentence-transformers modules, README.md; never pickles, optimizer states, checkpoints or "
+                    "logs). Writes a model card first if FOLDER has none. The token comes from HF_TOKEN or "
+                    "`hf auth login`.")
+    parser.add_argument("folder", help="a model folder, e.g. runs/quickstart/final or an export folder")
+    parser.add_argument("--repo-id", required=True, help="user/name or org/name")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    parser.add_argument("--commit-message", default=None)
+    parser.set_defaults(func=push, parser=parser)

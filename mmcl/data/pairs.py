@@ -1,0 +1,143 @@
+"""Training pairs: one preprocessed image and one caption per row, decoded lazily; a row whose
+image cannot be read or that has no caption is skipped, counted and reported, never a crash.
+Captions are tokenized in the collator."""
+
+from __future__ import annotations
+
+import random
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, NamedTuple
+
+import datasets
+import torch
+
+from .images import describe, load_image, processor_min_size, read_image_bytes, stable_id
+
+
+def make_pair(cell: Any, caption_cell: Any, image_processor: Any, seed_key: str, augment: Any = None,
+              min_size: int | None = None, fallback_id: bytes = b"") -> dict[str, Any]:
+    """One training example from an image cell and a caption cell (raises if either is unusable).
+
+    The randomness (augmentation, which caption of several) comes from `seed_key`, so it does not
+    depend on workers or processes. `image_id` hashes the image bytes (`fallback_id` for an
+    in-memory image): the same file in two rows is one image, and ClipLoss masks twins.
+    """
+    captions = caption_list(caption_cell)
+    if not captions:
+        raise ValueError(f"empty or non-text caption {caption_cell!r}")
+    rng = random.Random(zlib.crc32(seed_key.encode()))
+    data = read_image_bytes(cell)
+    image = load_image(cell if data is None else data, min_size)
+    if augment is not None:
+        image = augment(image, rng)
+    caption = rng.choice(captions)
+    return {"pixel_values": image_processor(image, return_tensors="pt")["pixel_values"][0], "caption": caption,
+            "image_id": stable_id(data if data is not None else fallback_id),
+            "text_id": stable_id(caption.encode("utf-8"))}
+
+
+class Skipped(NamedTuple):
+    row: int
+    source: str  # the file path, or "<bytes>" for embedded images
+    reason: str
+
+
+@dataclass
+class SkipCounter:
+    """Counts unreadable rows once each (a bad row is met again every epoch)."""
+
+    rows: set[int] = field(default_factory=set)
+    examples: list[Skipped] = field(default_factory=list)
+
+    def add(self, items: list[Skipped]) -> None:
+        for item in items:
+            if item.row not in self.rows:
+                self.rows.add(item.row)
+                if len(self.examples) < 10:
+                    self.examples.append(item)
+
+    def summary(self) -> str:
+        lines = [f"skipped {len(self.rows)} row(s) with an unreadable image or no usable caption"]
+        lines += [f"  row {s.row}: {s.source} ({s.reason})" for s in self.examples]
+        return "\n".join(lines)
+
+
+def caption_list(cell: Any) -> list[str]:
+    """A caption cell (a string, or a list of them) -> its non-empty captions; [] for None, NaN,
+    numbers and other non-text values (a row with none is skipped)."""
+    if isinstance(cell, str):
+        cell = [cell]
+    if not isinstance(cell, (list, tuple)):
+        return []
+    return [c.strip() for c in cell if isinstance(c, str) and c.strip()]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Training pairs: (preprocessed image, one caption) per row.
+
+    A row whose image cannot be read or whose caption is empty is replaced by the next readable
+    row (deterministically, so batch shapes stay equal on every rank and resume is exact), and is
+    reported in the item's `skipped` list. With several captions per row one is drawn at random,
+    seeded by (seed, epoch, row) so that the draw does not depend on workers or processes.
+    """
+
+    def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str,
+                 image_processor: Any, seed: int = 0, max_tries: int = 64, augment: Any = None) -> None:
+        self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
+        self.image_processor, self.seed, self.epoch, self.max_tries = image_processor, seed, 0, max_tries
+        self.augment = augment  # (PIL image, random.Random) -> PIL image, or None
+        self.min_size = processor_min_size(image_processor)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load(self, row: int) -> dict[str, Any]:
+        example = self.ds[row]
+        item = make_pair(example[self.image_column], example[self.caption_column], self.image_processor,
+                         f"{self.seed}/{self.epoch}/{row}", self.augment, self.min_size, f"row:{row}".encode())
+        return {**item, "row": row}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[Skipped] = []
+        for attempt in range(self.max_tries):
+            row = (index + attempt) % len(self.ds)
+            try:
+                item = self._load(row)
+            except Exception as err:  # any undecodable file must not stop training
+                try:
+                    source = describe(self.ds[row][self.image_column])
+                except Exception:  # the row itself could not be read
+                    source = f"<row {row}>"
+                skipped.append(Skipped(row, source, f"{type(err).__name__}: {err}"[:200]))
+                continue
+            return {**item, "skipped": skipped}
+        raise RuntimeError(f"{self.max_tries} consecutive unreadable rows from row {index}; "
+                           f"first: {skipped[0].source} ({skipped[0].reason})")
+
+
+@dataclass
+class PairCollator:
+    """Stacks pixels and tokenizes the captions of a batch (padded to the longest, truncated)."""
+
+    tokenizer: Any
+    max_length: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        text = self.tokenizer([it["caption"] for it in items], padding="longest", truncation=True,
+                              max_length=self.max_length, return_tensors="pt")
+        batch = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                 "pixel_values": torch.stack([it["pixel_values"] for it in items])}
+        batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
+        batch["text_ids"] = torch.tensor([it["text_id"] for it in items], dtype=torch.long)
+        batch["skipped"] = [s for it in items for s in it["skipped"]]
+        return batch
+
+
+def iter_captions(ds: datasets.Dataset, column: str, limit: int = 200_000) -> Iterator[str]:
+    """Captions of the first `limit` rows, for training a tokenizer."""
+    for cell in ds.select_columns([column]).select(range(min(limit, len(ds))))[column]:
+        yield from caption_list(cell)

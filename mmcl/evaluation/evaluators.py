@@ -1,0 +1,228 @@
+"""Zero-shot classification and image<->text retrieval of any supported model on any dataset.
+
+Every evaluation takes an `EncoderBundle` whose encoder is *called* (`encoder(pixel_values=...)`,
+`encoder(input_ids=..., attention_mask=...)`), so during training it runs through the model that
+`accelerator.prepare` returned, on every rank. Every rank embeds its shard; `gather_for_metrics`
+reassembles the rows in order without the padding duplicates, so the metrics are the same with any
+number of processes. The metric math is `mmcl.evaluation.metrics`, called directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import datasets
+import torch
+from accelerate import Accelerator
+from PIL import Image
+
+from ..config import EvalConfig, EvalSpec
+from ..data.images import load_image, processor_min_size
+from ..data.pairs import caption_list
+from ..data.sources import load_source, require_columns
+from ..inference import EncoderBundle, load_encoder
+from .metrics import per_class_accuracy, retrieval_metrics, zero_shot_metrics
+from .zero_shot import class_labels, load_per_class_prompts, load_templates, zero_shot_classifier
+
+
+class _Images(torch.utils.data.Dataset):
+    """Preprocessed images. An unreadable one comes back as a blank image with valid=False: every
+    batch keeps its shape and runs through the model, as collective (DDP / FSDP) forwards need."""
+
+    def __init__(self, ds: datasets.Dataset, column: str, image_processor: Any) -> None:
+        self.ds, self.column, self.image_processor = ds, column, image_processor
+        self.min_size = processor_min_size(image_processor)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return {"pixel_values": self._pixels(load_image(self.ds[i][self.column], self.min_size)), "valid": True}
+        except Exception:  # counted by the caller through `valid`
+            side = self.min_size or 224
+            return {"pixel_values": self._pixels(Image.new("RGB", (side, side), "white")), "valid": False}
+
+
+def _collate_images(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "valid": torch.tensor([it["valid"] for it in items])}
+
+
+def _shard(loader: torch.utils.data.DataLoader, accelerator: Accelerator) -> Any:
+    """This process's share of `loader`, on its device. Not `accelerator.prepare_data_loader`:
+    that keeps a reference to every loader it prepares, and evaluations run many times."""
+    from accelerate.data_loader import prepare_data_loader
+
+    return prepare_data_loader(loader, accelerator.device, accelerator.num_processes, accelerator.process_index,
+                               put_on_device=True)
+
+
+def _bar(loader: Any, progress: bool, accelerator: Accelerator, unit: str) -> Any:
+    if not progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=f"embedding {unit}", unit="batch", disable=not accelerator.is_local_main_process)
+
+
+@torch.no_grad()
+def embed_images(bundle: EncoderBundle, ds: datasets.Dataset, column: str, accelerator: Accelerator,
+                 batch_size: int, num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (N, D) image embeddings (rows of unreadable images are zeros) and the (N,) valid mask."""
+    loader = torch.utils.data.DataLoader(_Images(ds, column, bundle.image_processor), batch_size=batch_size,
+                                         collate_fn=_collate_images, num_workers=num_workers)
+    embeds, valid = [], []
+    for batch in _bar(_shard(loader, accelerator), progress, accelerator, "images"):
+        with accelerator.autocast():
+            out = bundle.encoder(pixel_values=batch["pixel_values"]).image_embeds.float()
+        out = out * batch["valid"].unsqueeze(1)
+        e, v = accelerator.gather_for_metrics((out, batch["valid"]))
+        embeds.append(e.cpu())
+        valid.append(v.cpu())
+    return torch.cat(embeds), torch.cat(valid)
+
+
+@torch.no_grad()
+def embed_texts(bundle: EncoderBundle, texts: Sequence[str], accelerator: Accelerator, batch_size: int,
+                progress: bool = False) -> torch.Tensor:
+    """-> (N, D) text embeddings, in the order of `texts`."""
+    def collate(batch: list[str]) -> dict[str, torch.Tensor]:
+        enc = bundle.tokenizer(list(batch), padding=bundle.text_padding, truncation=True,
+                               max_length=bundle.max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask")}
+
+    loader = _shard(torch.utils.data.DataLoader(list(texts), batch_size=batch_size, collate_fn=collate), accelerator)
+    embeds = []
+    for batch in _bar(loader, progress, accelerator, "texts"):
+        with accelerator.autocast():
+            out = bundle.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        embeds.append(accelerator.gather_for_metrics(out.text_embeds.float()).cpu())
+    return torch.cat(embeds)
+
+
+def group_captions(ds: datasets.Dataset, spec: EvalSpec) -> tuple[datasets.Dataset, list[list[str]]]:
+    """One row per image, with all of its captions.
+
+    Without `image_id_column` each row is an image (its caption cell may be a list). With it,
+    rows sharing an id are one image: its pixels are read from the first such row and its
+    captions are those of all of them.
+    """
+    captions = [caption_list(cell) for cell in ds[spec.caption_column]]
+    if not spec.image_id_column:
+        return ds, captions
+    first: dict[Any, int] = {}
+    grouped: dict[Any, list[str]] = {}
+    for row, image_id in enumerate(ds[spec.image_id_column]):
+        first.setdefault(image_id, row)
+        grouped.setdefault(image_id, []).extend(captions[row])
+    return ds.select(list(first.values())), list(grouped.values())
+
+
+def retrieval_evaluation(bundle: EncoderBundle, ds: datasets.Dataset, spec: EvalSpec, accelerator: Accelerator,
+                         cfg: EvalConfig) -> dict[str, float]:
+    """Image->text and text->image retrieval over every caption of every readable image.
+
+    A row with several captions (a list cell) is one image with several correct texts: an image
+    query is a hit at k if any of its captions is in its top k. Rows with an unreadable image or
+    no caption are left out, and counted in `skipped_images`.
+    """
+    images, captions = group_captions(ds, spec)
+    image_embeds, valid = embed_images(bundle, images, spec.image_column, accelerator, cfg.batch_size)
+    keep = valid & torch.tensor([bool(c) for c in captions])
+    texts, text_to_image = [], []
+    for image_index, row in enumerate(keep.nonzero().flatten().tolist()):
+        texts += captions[row]
+        text_to_image += [image_index] * len(captions[row])
+    if not texts:
+        raise ValueError(f"{spec.dataset}: no row has both a readable image and a caption")
+    text_embeds = embed_texts(bundle, texts, accelerator, cfg.batch_size)
+    metrics = retrieval_metrics(image_embeds[keep], text_embeds, torch.tensor(text_to_image),
+                                ks=tuple(cfg.retrieval_ks), chunk_size=cfg.chunk_size)
+    metrics.update(images=float(keep.sum()), texts=float(len(texts)), skipped_images=float((~keep).sum()))
+    return metrics
+
+
+def zero_shot_evaluation(bundle: EncoderBundle, ds: datasets.Dataset, spec: EvalSpec, accelerator: Accelerator,
+                         cfg: EvalConfig) -> dict[str, Any]:
+    """Top-1/top-5, mean per-class recall and per-class accuracy of zero-shot classification.
+
+    Each class's text embedding is the re-normalised mean over its prompts (templates filled
+    with the class name, or its own prompts from `per_class_prompts`).
+    """
+    names, labels = class_labels(ds, spec)
+    classes = zero_shot_classifier(lambda texts: embed_texts(bundle, texts, accelerator, cfg.batch_size), names,
+                                   load_templates(spec.templates), load_per_class_prompts(spec.per_class_prompts))
+    image_embeds, valid = embed_images(bundle, ds, spec.image_column, accelerator, cfg.batch_size)
+    logits = image_embeds[valid] @ classes.T  # (N, C)
+    labels = labels[valid]
+    metrics: dict[str, Any] = zero_shot_metrics(logits, labels)
+    metrics.update(images=float(valid.sum()), classes=float(len(names)), skipped_images=float((~valid).sum()))
+    metrics["per_class_accuracy"] = {names[c]: acc for c, acc in per_class_accuracy(logits, labels).items()}
+    metrics["confusion"] = confusion_matrix(logits.argmax(dim=1), labels, len(names))
+    return metrics
+
+
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C, C) counts: row = true class, column = predicted class."""
+    flat = labels * n_classes + predicted
+    return torch.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def load_eval_dataset(spec: EvalSpec, cache_dir: str | None = None, emoji_image_size: int = 64) -> datasets.Dataset:
+    """The evaluation split, with the columns its task needs checked up front."""
+    ds = load_source(spec, cache_dir, emoji_image_size)
+    columns = [spec.image_column, spec.caption_column if spec.task == "retrieval" else spec.label_column]
+    columns += [spec.image_id_column] if spec.image_id_column and spec.task == "retrieval" else []
+    ds = require_columns(ds, spec, {column: f"(split {spec.split}) for the {spec.task} task" for column in columns})
+    return ds.select(range(min(spec.max_samples, len(ds)))) if spec.max_samples else ds
+
+
+def run_eval(bundle: EncoderBundle, ds: datasets.Dataset, spec: EvalSpec, accelerator: Accelerator,
+             cfg: EvalConfig) -> dict[str, Any]:
+    """One named evaluation; the encoder is put in eval mode for it and restored after."""
+    model = bundle.encoder
+    was_training = getattr(model, "training", False)
+    model.eval()
+    task = retrieval_evaluation if spec.task == "retrieval" else zero_shot_evaluation
+    try:
+        return task(bundle, ds, spec, accelerator, cfg)
+    finally:
+        model.train(was_training)
+
+
+def scalars(name: str, results: dict[str, Any]) -> dict[str, float]:
+    """The loggable numbers of one evaluation, prefixed with its name."""
+    return {f"{name}/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
+
+
+def evaluate_model(model: str | EncoderBundle, spec: EvalSpec, cfg: EvalConfig | None = None,
+                   cache_dir: str | None = None, accelerator: Accelerator | None = None) -> dict[str, Any]:
+    """Python API: evaluate a model folder / Hub id (or a loaded `EncoderBundle`) on `spec`.
+
+    >>> evaluate_model("runs/quickstart/final", EvalSpec(task="zero_shot", dataset="builtin:emoji",
+    ...                label_column="name", templates="ensemble"))["top1"]
+    """
+    bundle = load_encoder(model) if isinstance(model, str) else model
+    accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
+    size = getattr(bundle.image_processor, "size", None) or {}
+    emoji_size = int(size.get("height") or 64)  # the built-in set is rendered at the model's input size
+    with accelerator.main_process_first():
+        ds = load_eval_dataset(spec, cache_dir, emoji_size)
+    return run_eval(bundle.to(accelerator.device), ds, spec, accelerator, cfg or EvalConfig())
+
+
+def format_results(name: str, results: dict[str, Any], worst: int = 5) -> str:
+    """A readable table of one evaluation's numbers (and its hardest classes, for zero-shot)."""
+    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"== {name}"] + [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}"
+                              for k, v in rows]
+    per_class = results.get("per_class_accuracy")
+    if per_class:
+        hardest = sorted(per_class.items(), key=lambda kv: kv[1])[:worst]
+        lines.append("  hardest classes: " + ", ".join(f"{c} ({a:.2f})" for c, a in hardest))
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Symmetric InfoNCE with negatives shared across all processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import gather_ids, gather_with_grad
+
+
+def duplicate_mask(image_ids: torch.Tensor, text_ids: torch.Tensor, all_image_ids: torch.Tensor,
+                   all_text_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, world * B) True where column j is not a true negative for row i: it shows the same
+    image, or carries the identical caption, as pair i (and is not pair i itself)."""
+    same = (image_ids[:, None] == all_image_ids[None, :]) | (text_ids[:, None] == all_text_ids[None, :])
+    same[torch.arange(len(targets), device=targets.device), targets] = False
+    return same
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP): the mean of image->text and text->image cross-entropy over
+    cosine similarities scaled by exp(logit_scale).
+
+    With several processes, each rank gathers every rank's embeddings *with gradient* and
+    computes only its own rows against the global batch ("local loss", as open_clip):
+    logits_per_image is (B_local, B_global) and the targets are offset by rank * B_local.
+    Each rank's loss is the mean over its own rows, so the mean over ranks equals the loss of one
+    process on the whole global batch. Gradients: the all_gather backward sums each rank's
+    contributions to every rank's embeddings, and DDP averages the per-rank gradients, so N
+    processes with batch b take the same step as 1 process with batch N*b
+    (tests/test_distributed.py checks this to 1e-5).
+
+    Duplicates: when `image_ids` / `text_ids` are given (one id per example: same image -> same
+    id, identical caption -> same id), a pair whose image or caption also appears elsewhere in the
+    global batch is not pushed away from its twin: those logits are masked out of the softmax.
+
+    Inputs: image_embeds (B, D), text_embeds (B, D), both unit norm, row i of each a pair;
+    logit_scale, a scalar tensor (the log of the inverse temperature); optional image_ids and
+    text_ids, (B,) int64.
+    Returns the scalar loss of this rank.
+
+    References: Radford et al. 2021 (CLIP); open_clip's ClipLoss (local_loss, gather_with_grad).
+    """
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                image_ids: torch.Tensor | None = None, text_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # The softmax runs in float32 even under bf16 autocast.
+        image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+        all_images, rank = gather_with_grad(image_embeds)
+        all_texts, _ = gather_with_grad(text_embeds)
+        scale = logit_scale.float().exp()
+        logits_per_image = scale * image_embeds @ all_texts.T  # (B, world * B)
+        logits_per_text = scale * text_embeds @ all_images.T  # (B, world * B)
+        batch = image_embeds.shape[0]
+        targets = torch.arange(batch, device=image_embeds.device) + rank * batch
+        if image_ids is not None and text_ids is not None:
+            mask = duplicate_mask(image_ids, text_ids, gather_ids(image_ids), gather_ids(text_ids), targets)
+            if mask.any():
+                logits_per_image = logits_per_image.masked_fill(mask, float("-inf"))
+                logits_per_text = logits_per_text.masked_fill(mask, float("-inf"))
+        return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2

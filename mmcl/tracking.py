@@ -1,0 +1,65 @@
+"""Where the health signals go: a progress bar, and an Accelerate tracker (tensorboard when
+installed, else a JSON-lines file that needs nothing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from tqdm.auto import tqdm
+
+from .artifacts import LOG_NAME, LOGS_DIR
+from .config import TrainConfig
+
+
+class JsonlTracker(GeneralTracker):
+    """Appends `{"step": ..., **values}` lines to `<output_dir>/logs/metrics.jsonl`."""
+
+    name = "jsonl"
+    requires_logging_directory = False
+
+    def __init__(self, output_dir: Path) -> None:
+        super().__init__()
+        self.path = Path(output_dir) / LOGS_DIR / LOG_NAME
+
+    @property
+    def tracker(self) -> Path:
+        return self.path
+
+    def store_init_configuration(self, values: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name("config.json"), "w", encoding="utf-8") as f:
+            json.dump(values, f, indent=2, default=str)
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def build_trackers(report_to: str, output_dir: Path) -> list[Any]:
+    if report_to == "none":
+        return []
+    if report_to == "tensorboard" or (report_to == "auto" and importlib.util.find_spec("tensorboard")):
+        return ["tensorboard"]
+    return [JsonlTracker(output_dir)]
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"train.max_steps": 10, ...} with only str/int/float/bool/None values."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    return flat
+
+
+def progress_bar(cfg: TrainConfig, accelerator: Accelerator, initial: int) -> tqdm:
+    return tqdm(total=cfg.max_steps, initial=initial, desc="train", dynamic_ncols=True,
+                disable=not (cfg.progress_bar and accelerator.is_local_main_process))

@@ -1,0 +1,48 @@
+"""Two processes (gloo on CPU) with per-device batch b take exactly the step that one process
+takes with batch 2b: same loss, same parameters after the optimizer step."""
+
+import json
+import os
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+from tests.conftest import DEBUG_CONFIG, REPO
+
+
+def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer):
+    args = ["mmcl.cli", "train", str(DEBUG_CONFIG), f"--model.tokenizer={tokenizer}", f"--train.output_dir={out}",
+            f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
+            f"--train.per_device_batch_size={batch}", "--train.max_steps=2", "--train.log_every=1",
+            "--train.checkpoint_every=0", "--train.progress_bar=false", "--train.warmup_steps=0"]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", "29533", "-m", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line or "rank1" in line]
+    assert done.returncode == 0, "\n".join(errors[-20:])
+    losses = [json.loads(line)["train/loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return losses, load_file(out / "final" / "model.safetensors")
+
+
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cache, small_emoji):
+    # one tokenizer for both runs: WordPiece training is not deterministic across processes
+    from datasets import load_from_disk
+
+    from mmcl.data.pairs import iter_captions
+    from mmcl.build import train_wordpiece
+
+    tokenizer = tmp_path / "tokenizer"
+    train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)
+    single_loss, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer)
+    multi_loss, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer)
+    assert len(single_loss) == len(multi_loss) == 2
+    for a, b in zip(single_loss, multi_loss):
+        assert abs(a - b) < 1e-5, (single_loss, multi_loss)
+    for name in single:
+        assert (single[name] - multi[name]).abs().max().item() < 1e-5, name
+    assert "logit_scale" in single

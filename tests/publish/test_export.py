@@ -1,0 +1,199 @@
+"""Export: the exported folder loads WITHOUT mmcl (transformers and sentence-transformers) and
+gives mmcl's embeddings.
+
+Each exported folder is loaded in a separate Python process, run isolated (`-I`: PYTHONPATH and
+the user site ignored) from the temporary folder, in which importing mmcl fails (a meta-path
+finder refuses it, as if it were not installed) and which asserts at its end that `mmcl` is not
+in `sys.modules`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmcl.checkpoint import save_final
+from mmcl.config import Config, ModelConfig
+from mmcl.publish.export import ExportReport, export_model
+from mmcl.build import build_model
+from mmcl.model import DualEncoder
+from mmcl.build import build_image_processor, fit_text_config, train_wordpiece
+
+BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 32}
+VIT = {"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+       "intermediate_size": 64, "image_size": 16, "patch_size": 4}
+CLIP_TEXT = {"model_type": "clip_text_model", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 32}
+CLIP_VISION = {"model_type": "clip_vision_model", "hidden_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "intermediate_size": 64, "image_size": 16, "patch_size": 4}
+RESNET = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1],
+          "layer_type": "basic"}
+CAPTIONS = ["a red apple", "a green tree", "the flag of japan", "a smiling face with sunglasses",
+            "a blue car on a road", "two cats asleep"] * 5
+# the last is longer than max_text_length (16 tokens): every route must truncate where mmcl does
+TEXTS = ["a red apple", "flag of japan and a tree", "cats", " ".join(["a smiling red apple on a tree"] * 5)]
+
+# Runs in a clean process: nothing from mmcl, only what a user of the exported folder has.
+LOADER = r"""
+import json, sys
+
+
+class NoMmcl:  # as if mmcl were not installed (it is, editable, in this venv)
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mmcl":
+            raise ImportError("mmcl is not installed here")
+
+
+sys.meta_path.insert(0, NoMmcl())
+import numpy as np
+import torch
+from PIL import Image
+
+folder, native, out = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+texts = json.loads(sys.argv[4])
+rng = np.random.default_rng(0)
+images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((16, 16), (30, 20))]
+result = {}
+if native:
+    from transformers import AutoModel, AutoProcessor
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        text = processor(text=texts, padding=True, truncation=True, return_tensors="pt")
+        t = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        i = model.get_image_features(pixel_values=pixels).pooler_output
+    result["class"] = type(model).__name__
+    result["logit_scale"] = model.logit_scale.item()
+    result["hf_text"] = torch.nn.functional.normalize(t, dim=-1).tolist()
+    result["hf_image"] = torch.nn.functional.normalize(i, dim=-1).tolist()
+else:  # the Router's tower folders are plain transformers folders
+    from transformers import AutoModel
+    towers = [AutoModel.from_pretrained(f"{folder}/{m}_0_Transformer") for m in ("text", "image")]
+    result["towers"] = [type(t).__name__ for t in towers]
+from sentence_transformers import SentenceTransformer
+st = SentenceTransformer(folder, device="cpu")
+result["st_text"] = st.encode(texts).tolist()
+result["st_image"] = st.encode(images).tolist()
+assert "mmcl" not in sys.modules, "the loader imported mmcl"
+with open(out, "w") as f:
+    json.dump(result, f)
+"""
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)  # the same images as the loader makes
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((16, 16), (30, 20))]
+
+
+def _train_like_folder(tmp_path, text, vision, text_pooling, vision_pooling):
+    """A trained-model folder as `save_final` writes it (max_text_length 16)."""
+    tokenizer = train_wordpiece(CAPTIONS, vocab_size=120)
+    cfg = ModelConfig(text_config=dict(text), vision_config=dict(vision), projection_dim=8, image_size=16,
+                      text_pooling=text_pooling, vision_pooling=vision_pooling, max_text_length=16)
+    fit_text_config(cfg, tokenizer)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.logit_scale.fill_(3.3)
+    folder = tmp_path / "mmcl_model"
+    save_final(model, tokenizer, build_image_processor(cfg), Config(model=cfg), folder)
+    return folder
+
+
+def _load_clean(folder, native: bool, out) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env["TRANSFORMERS_VERBOSITY"] = "warning"  # as a user sees it: no missing-weight warnings
+    proc = subprocess.run([sys.executable, "-I", "-c", LOADER, str(folder), "1" if native else "0", str(out),
+                           json.dumps(TEXTS)], cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "MISSING" not in proc.stderr and "newly initialized" not in proc.stderr, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@torch.no_grad()
+def _mmcl_embeddings(folder) -> tuple[torch.Tensor, torch.Tensor]:
+    from mmcl.inference import load_processors
+
+    model = DualEncoder.from_pretrained(folder)
+    tokenizer, image_processor = load_processors(folder)
+    enc = tokenizer(TEXTS, padding="longest", truncation=True, max_length=16, return_tensors="pt")
+    pixels = image_processor(images=_images(), return_tensors="pt")["pixel_values"]
+    return (model.get_text_features(enc["input_ids"], enc["attention_mask"]),
+            model.get_image_features(pixels))
+
+
+CASES = {
+    "bert+vit pooler": (BERT, VIT, "pooler", "pooler", "VisionTextDualEncoderModel"),
+    "clip pooler": (CLIP_TEXT, CLIP_VISION, "pooler", "pooler", "CLIPModel"),
+    "bert mean + vit cls": (BERT, VIT, "mean", "cls", None),
+    # VisionTextDualEncoderModel cannot hold a ResNet (no hidden_size); the Router takes pooler_output,
+    # (B, H) for BERT and (B, C, 1, 1) for ResNet
+    "bert pooler + resnet pooler": (BERT, RESNET, "pooler", "pooler", None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_loads_without_mmcl_and_matches(tmp_path, case):
+    text, vision, text_pooling, vision_pooling, expected = CASES[case]
+    folder = _train_like_folder(tmp_path, text, vision, text_pooling, vision_pooling)
+    out_dir = tmp_path / "exported"
+    report = export_model(folder, out_dir)
+
+    assert isinstance(report, ExportReport)
+    assert report.native_class == expected
+    assert report.sentence_transformers
+    assert all(v < 1e-5 for v in report.max_abs_diff.values()), report.max_abs_diff
+    if expected is None:  # the card must say why there is no native class
+        assert any("VisionTextDualEncoderModel" in note for note in report.notes), report.notes
+    assert not list(out_dir.rglob("*.bin")) and not list(out_dir.rglob("*.pt")) and not list(out_dir.rglob("*.pth"))
+    saved = json.loads((out_dir / "mmcl_export.json").read_text())
+    assert saved["native_class"] == expected and saved["logit_scale"] == pytest.approx(3.3)
+
+    got = _load_clean(out_dir, expected is not None, tmp_path / "embeddings.json")
+    ref_text, ref_image = _mmcl_embeddings(folder)
+    keys = ["st_text", "st_image"] + (["hf_text", "hf_image"] if expected else [])
+    for key in keys:
+        ref = ref_text if key.endswith("text") else ref_image
+        emb = torch.tensor(got[key])
+        assert emb.shape == ref.shape, key
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(len(emb)), atol=1e-5), key
+        assert (emb - ref).abs().max().item() < 1e-5, key
+    if expected:
+        assert got["class"] == expected
+        assert got["logit_scale"] == pytest.approx(3.3)
+    else:
+        model = DualEncoder.from_pretrained(folder)
+        assert got["towers"] == [type(model.text_model).__name__, type(model.vision_model).__name__]
+
+
+def test_export_rejects_a_folder_that_is_not_mmcl(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mmcl_config.json"):
+        export_model(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".tmp-out").exists()
+
+
+def test_export_never_writes_into_a_folder_that_is_not_an_earlier_export(tmp_path):
+    folder = _train_like_folder(tmp_path, BERT, VIT, "mean", "cls")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an earlier export"):
+        export_model(folder, tmp_path / "taken")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    export_model(folder, tmp_path / "out")
+    (tmp_path / "out" / "stale.txt").write_text("from an earlier export")
+    export_model(folder, tmp_path / "out")  # an earlier export is replaced whole
+    assert not (tmp_path / "out" / "stale.txt").exists()
+
+
+def test_export_subcommand_is_registered():
+    from mmcl.cli import build_parser
+
+    args = build_parser().parse_args(["export", "runs/x/final", "out"])
+    assert (args.model_dir, args.out_dir) == ("runs/x/final", "out") and callable(args.func)
