@@ -185,7 +185,7 @@ def run_eval(bundle: EncoderBundle, ds: datasets.Dataset, spec: EvalSpec, accele
              cfg: EvalConfig) -> dict[str, Any]:
     """One named evaluation; the encoder is put in eval mode for it and restored after."""
     model = bundle.encoder
-    was_training = getattr(model, "training", False)
+    was_training = model.training
     model.eval()
     task = retrieval_evaluation if spec.task == "retrieval" else zero_shot_evaluation
     try:
@@ -208,8 +208,7 @@ def evaluate_model(model: str | EncoderBundle, spec: EvalSpec, cfg: EvalConfig |
     """
     bundle = load_encoder(model) if isinstance(model, str) else model
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
-    size = getattr(bundle.image_processor, "size", None) or {}
-    emoji_size = int(size.get("height") or 64)  # the built-in set is rendered at the model's input size
+    emoji_size = processor_min_size(bundle.image_processor) or 64  # the built-in set, at the model's input size
     with accelerator.main_process_first():
         ds = load_eval_dataset(spec, cache_dir, emoji_size)
     return run_eval(bundle.to(accelerator.device), ds, spec, accelerator, cfg or EvalConfig())
