@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from .config import ConfigError
+
 # --- names -----------------------------------------------------------------------------------------
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CONFIG_NAME = "mmcl_config.json"  # what DualEncoder.from_pretrained rebuilds the architecture from
@@ -133,6 +135,20 @@ def is_hub_id(name: str | None) -> bool:
     if not name or name.startswith(("builtin:", "pkg:")) or not _HUB_ID.match(name):
         return False
     return not Path(name).expanduser().exists() and not name.lower().endswith(_DATA_SUFFIXES)
+
+
+def check_model_reference(name: str) -> None:
+    """A clear error for a model folder that is not there or holds no model, before transformers
+    says something about connecting to the Hub."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not ((path / MODEL_CONFIG_NAME).is_file() or (path / "config.json").is_file()):
+            raise ConfigError(f"{name}: not a model folder (it has neither {MODEL_CONFIG_NAME} nor config.json); "
+                              "give an mmcl model folder (e.g. runs/NAME/final) or a transformers CLIP-format folder")
+    elif path.exists():
+        raise ConfigError(f"{name}: is a file; give a model folder (e.g. runs/NAME/final) or a Hub id")
+    elif not is_hub_id(name):
+        raise ConfigError(f"{name}: no such model folder")
 
 
 # --- the saved training config and metrics ---------------------------------------------------------

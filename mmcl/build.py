@@ -10,9 +10,9 @@ from typing import Any, Iterable
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
-from .artifacts import MODEL_CONFIG_NAME
+from .artifacts import MODEL_CONFIG_NAME, check_model_reference
 from .config import ConfigError, ModelConfig
-from .inference import check_model_reference, load_hf_dual_encoder
+from .inference import load_hf_dual_encoder
 from .model import DualEncoder, DualEncoderConfig, tower_from_dict
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import MODEL_CONFIG_NAME, is_hub_id, trained_max_length
+from .artifacts import MODEL_CONFIG_NAME, check_model_reference, trained_max_length
 from .config import ConfigError
 from .model import DualEncoder, DualEncoderOutput, Encoder
 
@@ -72,20 +72,6 @@ class EncoderBundle:
     def to(self, device: torch.device | str) -> "EncoderBundle":
         self.encoder.to(device)
         return self
-
-
-def check_model_reference(name: str) -> None:
-    """A clear error for a model folder that is not there or holds no model, before transformers
-    says something about connecting to the Hub."""
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not ((path / MODEL_CONFIG_NAME).is_file() or (path / "config.json").is_file()):
-            raise ConfigError(f"{name}: not a model folder (it has neither {MODEL_CONFIG_NAME} nor config.json); "
-                              "give an mmcl model folder (e.g. runs/NAME/final) or a transformers CLIP-format folder")
-    elif path.exists():
-        raise ConfigError(f"{name}: is a file; give a model folder (e.g. runs/NAME/final) or a Hub id")
-    elif not is_hub_id(name):
-        raise ConfigError(f"{name}: no such model folder")
 
 
 def _hub_call(name: str, what: str, load: Any) -> Any:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import check_model_reference
+
 
 def _labels(args: argparse.Namespace) -> list[str]:
     from ..evaluation.zero_shot import load_class_names
@@ -21,6 +23,7 @@ def _labels(args: argparse.Namespace) -> list[str]:
 
 
 def predict(args: argparse.Namespace, extra: list[str]) -> int:
+    check_model_reference(args.model)  # mistakes in the arguments fail before the slow imports
     from ..apps.predict import list_images, load_for_inference, predict, write_predictions
 
     labels = _labels(args)
@@ -37,6 +40,9 @@ def predict(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def embed(args: argparse.Namespace, extra: list[str]) -> int:
+    check_model_reference(args.model)
+    if Path(args.output).suffix not in (".npz", ".parquet"):
+        args.parser.error(f"--output {args.output}: write embeddings to a .npz or a .parquet file")
     from ..apps.predict import embed, load_for_inference
     from ..config import SourceSpec
 
@@ -48,6 +54,7 @@ def embed(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def search(args: argparse.Namespace, extra: list[str]) -> int:
+    check_model_reference(args.model)
     from ..apps.predict import contact_sheet, list_images, load_for_inference, search
 
     list_images([args.folder])  # no folder, or no images in it: fail before the model loads

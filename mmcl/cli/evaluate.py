@@ -9,8 +9,10 @@ from typing import Any
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..artifacts import check_model_reference
     from ..config import EvalConfig, EvalSpec, build_section
 
+    check_model_reference(args.model)  # before the slow imports
     given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(EvalSpec)}
     spec = build_section(EvalSpec, {k: v for k, v in given.items() if v is not None}, "eval")
     if not spec.dataset:

@@ -197,6 +197,8 @@ def _export_st(bundle: EncoderBundle, folder: Path, report: ExportReport, probe:
 
 def _load(model_dir: Path) -> EncoderBundle:
     """The mmcl model, and its tokenizer truncating at the caption length it was trained with."""
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: no such model folder")
     if not (model_dir / MODEL_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{model_dir}: has no {MODEL_CONFIG_NAME}: export takes an mmcl model folder "
                           "(e.g. runs/NAME/final; a transformers folder loads without mmcl already)")

@@ -1,0 +1,93 @@
+"""Every mistake a user can make on the command line ends with one line, `mmcl <command>:
+error: ...`, naming what is wrong, and exit status 2: no traceback, no silently ignored flag."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from mmcl.build import build_image_processor, train_wordpiece
+from mmcl.config import ModelConfig
+from mmcl.model import DualEncoder, DualEncoderConfig
+from tests.conftest import DEBUG_CONFIG
+from tests.test_model import TEXT, VISION
+
+# (arguments, what the one error line must say); {model} is a real tiny model folder
+CASES = [
+    (["predict", "{model}", "missing.png", "--labels", "a,b"], "mmcl predict: error: missing.png: no such image file"),
+    (["predict", "{model}", "imgs/red.png"], "mmcl predict: error: give --labels"),
+    (["predict", "{model}", "imgs", "--labels", "a,b", "--topk", "3"], "mmcl predict: error: unrecognized arguments: --topk 3"),
+    (["eval", "runs/nope/final", "--dataset", "pairs.csv"], "mmcl eval: error: runs/nope/final: no such model folder"),
+    (["eval", "notamodel", "--dataset", "pairs.csv"], "mmcl eval: error: notamodel: not a model folder"),
+    (["eval", "{model}", "--dataset", "pairs.csv", "--task", "zero_shot", "--label-column", "nope"],
+     "mmcl eval: error: pairs.csv: no column 'nope'"),
+    (["eval", "{model}", "--dataset", "pairs.csv", "--task", "zeroshot"],
+     "mmcl eval: error: 'eval.task' is 'zeroshot'; choose one of retrieval, zero_shot"),
+    (["eval", "{model}", "--dataset", "pairs.csv", "--topk", "3"], "mmcl eval: error: unrecognized arguments: --topk"),
+    (["embed", "{model}", "pairs.csv", "--output", "e.npz", "--topk", "3"], "mmcl embed: error: unrecognized arguments"),
+    (["embed", "{model}", "imgs", "--output", "e.txt"], "mmcl embed: error: --output e.txt: write embeddings to a .npz"),
+    (["search", "{model}", "imgs", "red", "--topk", "3"], "mmcl search: error: unrecognized arguments: --topk"),
+    (["search", "{model}", "no_folder", "red"], "mmcl search: error: no_folder: no such image file or folder"),
+    (["data", "check", "pairs.csv", "--foo"], "mmcl data check: error: unrecognized arguments: --foo"),
+    (["data", "convert", "pairs.csv", "out", "--to", "hf", "--shards", "2"],
+     "mmcl data convert: error: unrecognized arguments: --shards"),
+    (["data", "convert", "pairs.csv", "out", "--to", "tar"], "mmcl data convert: error: argument --to: invalid choice"),
+    (["export", "{model}", "out", "--force"], "mmcl export: error: unrecognized arguments: --force"),
+    (["export", "nope", "out"], "mmcl export: error: nope: no such model folder"),
+    (["push", "{model}", "--repo-id", "me/x", "--token", "abc"], "mmcl push: error: unrecognized arguments: --token"),
+    (["push", "{model}", "--repo-id", "me/x"], "mmcl push: error: no Hugging Face token: set HF_TOKEN"),
+    (["train", "bad.yaml"], "mmcl train: error: bad.yaml: not valid YAML (line 3"),
+    (["train", "nope.yaml"], "mmcl train: error: config file nope.yaml does not exist"),
+    (["train", str(DEBUG_CONFIG), "--train.max_steps=ten"], "mmcl train: error: 'train.max_steps' must be int, got 'ten'"),
+    (["train", str(DEBUG_CONFIG), "--train.max_step=3"],
+     "mmcl train: error: unknown config key 'train.max_step': did you mean 'max_steps'?"),
+    (["train", str(DEBUG_CONFIG), "--train.mixed_precision=fp8"],
+     "mmcl train: error: 'train.mixed_precision' is 'fp8'; choose one of no, bf16, fp16"),
+    (["train", "--max_steps=3"], "mmcl train: error: 'max_steps' needs a section, e.g. --train.max_steps"),
+    (["trian"], "mmcl: error: argument COMMAND: invalid choice: 'trian'"),
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=120), VISION, projection_dim=8)).save_pretrained(root / "model")
+    train_wordpiece(["a photo of a red square"] * 3, 120).save_pretrained(root / "model")
+    build_image_processor(ModelConfig(image_size=16)).save_pretrained(root / "model")
+    (root / "imgs").mkdir()
+    Image.new("RGB", (20, 20), "red").save(root / "imgs" / "red.png")
+    (root / "pairs.csv").write_text("image,caption\nimgs/red.png,a red square\n")
+    (root / "bad.yaml").write_text("train:\n  max_steps: [1, 2\n")
+    (root / "notamodel").mkdir()
+    (root / "notamodel" / "notes.txt").write_text("not a model")
+    return root
+
+
+def run(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # the push case needs no token anywhere
+    env.update(HF_HOME=str(cwd / "hf_home"), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "mmcl.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+def test_each_mistake_is_one_clean_line_and_exit_status_2(workdir):
+    argvs = [[a.format(model=workdir / "model") for a in argv] for argv, _ in CASES]
+    with ThreadPoolExecutor(2) as pool:  # two at a time: most fail within a second
+        results = list(pool.map(lambda argv: run(argv, workdir), argvs))
+    problems = []
+    for (argv, expected), done in zip(CASES, results):
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if ": error: " in line]
+        ok = (done.returncode == 2 and "Traceback" not in done.stderr and len(errors) == 1
+              and lines[-1] == errors[0] and errors[0].startswith(expected))
+        if not ok:
+            problems.append(f"mmcl {' '.join(argv)} -> exit {done.returncode}:\n{done.stderr[-1500:]}")
+    assert not problems, "\n\n".join(problems)
+    assert len(CASES) >= 15
