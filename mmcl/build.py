@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTraine
 
 from .artifacts import MODEL_CONFIG_NAME, check_model_reference
 from .config import ConfigError, ModelConfig
-from .inference import load_hf_dual_encoder
+from .inference import load_hf_dual_encoder, load_pretrained
 from .model import DualEncoder, DualEncoderConfig, tower_from_dict
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -46,7 +46,7 @@ def build_tokenizer(cfg: ModelConfig, captions: Iterable[str] | None = None) -> 
     """The configured tokenizer; or, for a random-init text tower, one trained on `captions`."""
     source = _source(cfg, cfg.tokenizer, cfg.text_model)
     if source:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        return load_pretrained(AutoTokenizer, source, "tokenizer", cfg.trust_remote_code)
     if captions is None:
         raise ValueError("a random-init text tower needs model.tokenizer or captions to train one on")
     return train_wordpiece(captions, cfg.tokenizer_vocab_size)
@@ -56,7 +56,7 @@ def build_image_processor(cfg: ModelConfig) -> Any:
     """The vision tower's image processor, or a plain resize + normalise to `image_size`."""
     source = _source(cfg, cfg.image_processor, cfg.vision_model)
     if source:
-        return AutoImageProcessor.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        return load_pretrained(AutoImageProcessor, source, "image processor", cfg.trust_remote_code)
     from transformers import ViTImageProcessorPil  # the PIL backend: no torchvision needed
 
     size = cfg.image_size
@@ -104,7 +104,7 @@ def build_tower(name: str | None, config: dict[str, Any], trust_remote_code: boo
     """A pretrained tower (folder / Hub id), or one at random init from a config dict with `model_type`."""
     if name:
         check_model_reference(name)
-        return AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return load_pretrained(AutoModel, name, "weights", trust_remote_code)
     return tower_from_dict(config)
 
 

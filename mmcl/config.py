@@ -210,31 +210,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, type and default, help) of every field, sections recursively: for --help."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            rows += describe(hint, f"{prefix}{f.name}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        rows.append((f"{prefix}{f.name}", f"{_type_name(hint)} = {default!r}", f.metadata.get("help", "")))
-    return rows
-
-
-def _type_name(hint: Any) -> str:
-    if hint is type(None):
-        return "null"
-    if typing.get_origin(hint) is Literal:
-        return "|".join(map(str, typing.get_args(hint)))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def _nearest(name: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(name, valid, n=1, cutoff=0.0)
     return f"did you mean '{match[0]}'?" if match else f"valid keys: {', '.join(valid)}"

@@ -74,10 +74,11 @@ class EncoderBundle:
         return self
 
 
-def _hub_call(name: str, what: str, load: Any) -> Any:
-    """Run a transformers loader; turn its OSError (not found, offline) into a one-line error."""
+def load_pretrained(auto_class: Any, name: str, what: str, trust_remote_code: bool = False) -> Any:
+    """`auto_class.from_pretrained(name)` (AutoModel, AutoTokenizer, ...), its OSError (not found,
+    offline, no such file in the folder) turned into a one-line error naming `name` and `what`."""
     try:
-        return load()
+        return auto_class.from_pretrained(str(name), trust_remote_code=trust_remote_code)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = "" if Path(name).exists() else "not a local folder, and "
@@ -88,12 +89,8 @@ def load_processors(name: str | os.PathLike, trust_remote_code: bool = False) ->
     """The (tokenizer, image processor) saved with a model (or in a run's `processor/` folder)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    name = str(name)
-    tokenizer = _hub_call(name, "tokenizer", lambda: AutoTokenizer.from_pretrained(
-        name, trust_remote_code=trust_remote_code))
-    image_processor = _hub_call(name, "image processor", lambda: AutoImageProcessor.from_pretrained(
-        name, trust_remote_code=trust_remote_code))
-    return tokenizer, image_processor
+    return (load_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code),
+            load_pretrained(AutoImageProcessor, name, "image processor", trust_remote_code))
 
 
 def load_hf_dual_encoder(name: str, allowed: tuple[str, ...] = SUPPORTED, trust_remote_code: bool = False) -> Any:
@@ -101,11 +98,11 @@ def load_hf_dual_encoder(name: str, allowed: tuple[str, ...] = SUPPORTED, trust_
     from transformers import AutoConfig, AutoModel
 
     check_model_reference(name)
-    config = _hub_call(name, "config", lambda: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code))
+    config = load_pretrained(AutoConfig, name, "config", trust_remote_code)
     if config.model_type not in allowed:
         raise ConfigError(f"{name} is a '{config.model_type}' model; expected an mmcl folder or one of: "
                           f"{', '.join(allowed)}")
-    return _hub_call(name, "weights", lambda: AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code))
+    return load_pretrained(AutoModel, name, "weights", trust_remote_code)
 
 
 def load_encoder(name: str, trust_remote_code: bool = False) -> EncoderBundle:

@@ -33,5 +33,22 @@ def small_emoji(emoji_cache, tmp_path_factory) -> str:
     return str(path)
 
 
+def save_tiny_model(folder: Path, words: str, vocab_size: int = 120) -> Path:
+    """A random tiny mmcl model folder (BERT + ViT towers of tests/test_model.py, 16 px images),
+    with a WordPiece tokenizer trained on `words` and an image processor beside it."""
+    import torch
+
+    from mmcl.build import build_image_processor, train_wordpiece
+    from mmcl.config import ModelConfig
+    from mmcl.model import DualEncoder, DualEncoderConfig
+    from tests.test_model import TEXT, VISION
+
+    torch.manual_seed(0)
+    DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=vocab_size), VISION, projection_dim=8)).save_pretrained(folder)
+    train_wordpiece([words] * 5, vocab_size).save_pretrained(folder)
+    build_image_processor(ModelConfig(image_size=16)).save_pretrained(folder)
+    return folder
+
+
 def python() -> str:
     return sys.executable

@@ -71,9 +71,12 @@ def search(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+MODEL_HELP = "an mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id"
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("predict", help="zero-shot classify image files or folders against labels")
-    p.add_argument("model", help="an mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="one label per line (or a JSON list)")
@@ -82,7 +85,7 @@ def register(sub: Any) -> None:
     p.add_argument("--output", help="write predictions to .csv or .json")
     p.set_defaults(func=predict, parser=p)
     e = sub.add_parser("embed", help="write image and/or text embeddings of a dataset or folder")
-    e.add_argument("model", help="an mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id")
+    e.add_argument("model", help=MODEL_HELP)
     e.add_argument("source", help="an image folder or any data source mmcl train accepts")
     e.add_argument("--output", required=True, help=".npz or .parquet")
     e.add_argument("--what", choices=("image", "text", "both"), default="both")
@@ -92,7 +95,7 @@ def register(sub: Any) -> None:
     e.add_argument("--batch-size", type=int, default=64)
     e.set_defaults(func=embed, parser=e)
     s = sub.add_parser("search", help="text -> images over a folder (embeddings cached)")
-    s.add_argument("model", help="an mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id")
+    s.add_argument("model", help=MODEL_HELP)
     s.add_argument("folder", help="a folder of images")
     s.add_argument("queries", nargs="+", help="one or more text queries")
     s.add_argument("--top-k", type=int, default=5, help="matches shown per query")

@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import textwrap
-from typing import Any
+import types
+import typing
+from typing import Any, Literal
 
 
 def config_help() -> str:
     """Every config key with its type, default and help text, for `mmcl train --help`."""
-    from ..config import Config, describe
+    from ..config import Config
 
     lines = ["config keys (in the YAML file, or overridden as --section.key=value):"]
     for key, kind, help_text in describe(Config):
         lines.append(f"  {key}  ({kind})")
         lines += textwrap.wrap(help_text, 92, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type and default, help) of every field, sections recursively: for --help."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        rows.append((f"{prefix}{f.name}", f"{type_name(hint)} = {default!r}", f.metadata.get("help", "")))
+    return rows
+
+
+def type_name(hint: Any) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return "|".join(map(str, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:

@@ -100,10 +100,9 @@ def _load_tokenizer(tokenizer: Any) -> tuple[Any, str | None]:
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
-        try:
-            return AutoTokenizer.from_pretrained(tokenizer), tokenizer
-        except OSError as err:  # not found, or offline
-            raise ConfigError(f"cannot load tokenizer '{tokenizer}': {err}") from err
+        from ..inference import load_pretrained
+
+        return load_pretrained(AutoTokenizer, tokenizer, "tokenizer"), tokenizer
     return tokenizer, getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 

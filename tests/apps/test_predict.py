@@ -5,14 +5,10 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from mmcl.cli import main
-from mmcl.config import ModelConfig
-from mmcl.model import DualEncoder, DualEncoderConfig
-from mmcl.build import build_image_processor, train_wordpiece
-from tests.test_model import TEXT, VISION
+from tests.conftest import save_tiny_model
 
 COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
 
@@ -20,10 +16,7 @@ COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "black"
 @pytest.fixture(scope="module")
 def model_and_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    torch.manual_seed(0)
-    DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=120), VISION, projection_dim=8)).save_pretrained(root / "model")
-    train_wordpiece(["a photo of a red green blue black square"] * 3, 120).save_pretrained(root / "model")
-    build_image_processor(ModelConfig(image_size=16)).save_pretrained(root / "model")
+    save_tiny_model(root / "model", "a photo of a red green blue black square")
     images = root / "images"
     (images / "sub").mkdir(parents=True)
     for name, color in COLORS.items():

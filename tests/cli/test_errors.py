@@ -9,14 +9,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from PIL import Image
 
-from mmcl.build import build_image_processor, train_wordpiece
-from mmcl.config import ModelConfig
-from mmcl.model import DualEncoder, DualEncoderConfig
-from tests.conftest import DEBUG_CONFIG
-from tests.test_model import TEXT, VISION
+from tests.conftest import DEBUG_CONFIG, save_tiny_model
 
 # (arguments, what the one error line must say); {model} is a real tiny model folder
 CASES = [
@@ -57,10 +52,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=120), VISION, projection_dim=8)).save_pretrained(root / "model")
-    train_wordpiece(["a photo of a red square"] * 3, 120).save_pretrained(root / "model")
-    build_image_processor(ModelConfig(image_size=16)).save_pretrained(root / "model")
+    save_tiny_model(root / "model", "a photo of a red square")
     (root / "imgs").mkdir()
     Image.new("RGB", (20, 20), "red").save(root / "imgs" / "red.png")
     (root / "pairs.csv").write_text("image,caption\nimgs/red.png,a red square\n")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmcl.cli import main
-from mmcl.config import ConfigError, DataConfig, ModelConfig, SourceSpec
+from mmcl.config import ConfigError, ModelConfig, SourceSpec
 from mmcl.data.pairs import PairDataset
 from mmcl.data.sources import load_pairs, load_source
 from mmcl.data.check import check_data

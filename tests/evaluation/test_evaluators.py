@@ -20,7 +20,7 @@ from mmcl.model import DualEncoderOutput
 from mmcl.build import train_wordpiece
 from mmcl.config import ModelConfig
 from mmcl.build import build_image_processor
-from tests.conftest import REPO
+from tests.conftest import REPO, save_tiny_model
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
           "cyan": (0, 255, 255), "magenta": (255, 0, 255)}
@@ -114,14 +114,7 @@ def test_unknown_column_and_empty_dataset(tmp_path, oracle):
 
 def test_one_and_two_processes_give_identical_metrics(tmp_path, emoji_cache):
     """`mmcl eval` on 37 emoji (odd: the second rank gets a padded batch) with 1 and 2 processes."""
-    from mmcl.model import DualEncoder, DualEncoderConfig
-    from tests.test_model import TEXT, VISION
-
-    model_dir = tmp_path / "model"
-    torch.manual_seed(0)
-    DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=300), VISION, projection_dim=8)).save_pretrained(model_dir)
-    train_wordpiece(["emoji face hand heart cat dog flag"] * 5, 300).save_pretrained(model_dir)
-    build_image_processor(ModelConfig(image_size=16)).save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "model", "emoji face hand heart cat dog flag", vocab_size=300)
     outputs = {}
     for nproc in (1, 2):
         out = tmp_path / f"results{nproc}.json"
