@@ -4,7 +4,8 @@
 `save_to_disk` folder), `webdataset` (.tar shards: a folder of them, a glob or one file), `imagefolder`
 (any other folder; metadata.csv/jsonl give its captions), `file` (csv/tsv/json/jsonl/parquet whose
 image column holds paths, resolved relative to the file) or `hub` (a Hub dataset name).
-`load_source` reads one split map-style; `load_stream` reads it as an `IterableDataset`.
+`load_source` reads one split map-style; `load_stream` reads it as an `IterableDataset` (WebDataset
+shards, a parquet / jsonl file, or whatever `datasets.load_dataset(..., streaming=True)` reads).
 Images are left undecoded: training and evaluation decode them lazily and skip the unreadable ones.
 """
 
@@ -175,11 +176,11 @@ def load_stream(source: SourceSpec) -> datasets.IterableDataset:
         case "file" if Path(name).suffix.lower() in (".parquet", ".jsonl", ".json"):  # streamed like a Hub set
             builder = "parquet" if name.endswith(".parquet") else "json"
             ds = datasets.load_dataset(builder, data_files={"train": name}, split="train", streaming=True)
-        case "hub":
+        case "builtin" | "file":  # a csv's relative image paths are resolved by the map-style reader only
+            raise ConfigError(f"data.train: {name} is read map-style; set data.streaming: false (or stream "
+                              "WebDataset shards written by mmcl data convert)")
+        case _:  # a Hub dataset, or a local folder / file that datasets streams by itself
             ds = datasets.load_dataset(name, source.dataset_config, split=source.split, streaming=True)
-        case kind:
-            raise ConfigError(f"data.train: {name} is a {kind} source; streaming reads WebDataset shards, "
-                              "a Hub dataset or a parquet/jsonl file (set data.streaming: false for the others)")
     for column, feature in (ds.features or {}).items():
         if isinstance(feature, datasets.Image):  # decode ourselves: a corrupt image is skipped
             ds = ds.cast_column(column, datasets.Image(decode=False))

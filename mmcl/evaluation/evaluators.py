@@ -208,7 +208,8 @@ def evaluate_model(model: str | EncoderBundle, spec: EvalSpec, cfg: EvalConfig |
     """
     bundle = load_encoder(model) if isinstance(model, str) else model
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
-    emoji_size = processor_min_size(bundle.image_processor) or 64  # the built-in set, at the model's input size
+    size = dict(getattr(bundle.image_processor, "size", None) or {})
+    emoji_size = int(size.get("height") or 64)  # the built-in set is drawn at the model's input height
     with accelerator.main_process_first():
         ds = load_eval_dataset(spec, cache_dir, emoji_size)
     return run_eval(bundle.to(accelerator.device), ds, spec, accelerator, cfg or EvalConfig())

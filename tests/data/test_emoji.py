@@ -1,4 +1,4 @@
-"""Tests for mmcl.emoji_data: the OpenMoji image-caption set rendered offline."""
+"""Tests for mmcl.data.emoji: the OpenMoji image-caption set rendered offline."""
 
 from __future__ import annotations
 

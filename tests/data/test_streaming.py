@@ -102,3 +102,17 @@ def test_named_columns_stream_like_a_hub_dataset(tmp_path, emoji_cache, small_em
                                         "--train.checkpoint_every=0", "--hub.export=false", f"--data.cache_dir={emoji_cache}"])
     metrics = train(config)
     assert metrics["train/steps"] == 3.0 and metrics["train/skipped_images"] == 0.0
+
+
+def test_which_sources_stream(tmp_path):
+    """A folder of images streams as datasets' imagefolder (as a Hub name would); a csv or the
+    built-in set is a clear error, not an attempt to reach the Hub."""
+    from mmcl.config import ConfigError, SourceSpec
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "imgs" / "red.png")
+    assert list(next(iter(load_stream(SourceSpec(str(tmp_path / "imgs")))))) == ["image"]
+    (tmp_path / "pairs.csv").write_text("image,caption\nimgs/red.png,red\n")
+    for name in (str(tmp_path / "pairs.csv"), "builtin:emoji"):
+        with pytest.raises(ConfigError, match="is read map-style; set data.streaming: false"):
+            load_stream(SourceSpec(name))
