@@ -26,3 +26,21 @@ def test_bench_eval_runs_and_agrees():
 def test_bench_data_runs(tmp_path):
     out = run("scripts/bench_data.py", "--images", "40", "--size", "64", "--workers", "0", "--repeats", "1")
     assert "ratio mmcl / plain" in out
+
+
+def test_peer_plugin_builds_mmcl_through_the_current_api():
+    """scripts/peer_plugin.py (the project's copy of the shared harness plugin) still builds mmcl's
+    contestants; skipped where the harness (../shared/bench) is not beside the repository."""
+    import json
+
+    import pytest
+
+    harness = REPO.parent / "shared" / "bench"
+    if not (harness / "peer_train.py").is_file():
+        pytest.skip("no ../shared/bench/peer_train.py beside the repository")
+    done = subprocess.run([sys.executable, "peer_train.py", "info", "--plugin", str(REPO / "scripts" / "peer_plugin.py"),
+                           "--contestant", "mmcl_clip", "--batch", "4"], cwd=harness, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.split("@@RESULT", 1)[1])
+    assert result["params"]["total"] == 5_200_897  # the harness's fixed architecture

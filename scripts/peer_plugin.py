@@ -1,0 +1,97 @@
+"""mmcl as contestants of shared/bench/peer_train.py, through mmcl's own model, loss and training step.
+
+The project's copy of the harness plugin (the harness's own copy imports mmcl's pre-restructuring
+module paths). Run from the harness folder, naming this file:
+    $PY peer_train.py run --plugin /path/to/mmcl/scripts/peer_plugin.py --contestants open_clip mmcl_clip ...
+`peer_train` is imported from MMCL_PEER_BENCH, else from ../shared/bench beside the repository.
+
+  mmcl_clip : DualEncoder with CLIPTextModel + CLIPVisionModel towers built from configs (the
+              architecture closest to open_clip.CLIP: pre-LN, causal text, EOS/CLS poolers).
+  mmcl_bert : DualEncoder with BERT + ViT towers, mean/cls pooling (what mmcl's quickstart uses).
+Both run mmcl.train.training_step under an Accelerator (mixed_precision no|bf16 on CPU = autocast),
+AdamW with mmcl's own parameter groups (lr 1e-4, wd 0.1 as the harness), no grad clipping
+(max_grad_norm=None, as open_clip's default), and clamp_logit_scale after each step.
+"""
+import os
+import sys
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.environ.get("MMCL_PEER_BENCH", os.path.join(_REPO, "..", "shared", "bench")))
+from peer_train import LR, WD, Contestant  # noqa: E402
+
+
+def _contestant(arch, precision, text_config, vision_config, text_pooling, vision_pooling, notes):
+    import torch
+    from accelerate import Accelerator
+
+    import mmcl.train as mt
+    from mmcl.config import TrainConfig
+    from mmcl.losses import ClipLoss
+    from mmcl.model import DualEncoder, DualEncoderConfig
+
+    cfg = DualEncoderConfig(text_config=text_config, vision_config=vision_config, text_pooling=text_pooling,
+                            vision_pooling=vision_pooling, projection_dim=arch["embed_dim"])
+    model = DualEncoder(cfg).train()
+    tcfg = TrainConfig(learning_rate=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                       max_grad_norm=None, mixed_precision={"fp32": "no"}.get(precision, precision))
+    acc = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=True)
+    opt = mt.build_optimizer(model, tcfg)
+    pmodel, opt = acc.prepare(model, opt)
+    loss_fn = ClipLoss()
+    mask = {}
+
+    def batch(pixels, tokens):
+        if tokens.shape not in mask:
+            mask[tokens.shape] = torch.ones_like(tokens)
+        return {"pixel_values": pixels, "input_ids": tokens, "attention_mask": mask[tokens.shape]}
+
+    def forward_loss(pixels, tokens):
+        with acc.autocast():
+            out = pmodel(**batch(pixels, tokens))
+            return loss_fn(out.image_embeds, out.text_embeds, out.logit_scale)
+
+    def step(pixels, tokens):
+        loss, _, _ = mt.training_step(acc, pmodel, loss_fn, opt, batch(pixels, tokens), None)
+        model.clamp_logit_scale()
+        return float(loss)
+
+    import mmcl
+    return Contestant(model=model, step=step, forward_loss=forward_loss, analytic_extra={}, logits_matmuls=2,
+                      notes=f"mmcl {getattr(mmcl, '__version__', '?')}; {notes}")
+
+
+def build_mmcl_clip(arch, precision):
+    w, m = arch["text_width"], arch["mlp_ratio"]
+    text = dict(model_type="clip_text_model", vocab_size=arch["vocab_size"], hidden_size=w,
+                intermediate_size=w * m, num_hidden_layers=arch["text_layers"], num_attention_heads=arch["text_heads"],
+                max_position_embeddings=arch["context_length"], eos_token_id=arch["vocab_size"] - 1)
+    vw = arch["vision_width"]
+    vision = dict(model_type="clip_vision_model", hidden_size=vw, intermediate_size=vw * m,
+                  num_hidden_layers=arch["vision_layers"], num_attention_heads=arch["vision_heads"],
+                  image_size=arch["image_size"], patch_size=arch["patch_size"])
+    return _contestant(arch, precision, text, vision, "pooler", "pooler",
+                       "CLIPTextModel + CLIPVisionModel towers, pooler pooling")
+
+
+def build_mmcl_bert(arch, precision):
+    w, m = arch["text_width"], arch["mlp_ratio"]
+    text = dict(model_type="bert", vocab_size=arch["vocab_size"], hidden_size=w, intermediate_size=w * m,
+                num_hidden_layers=arch["text_layers"], num_attention_heads=arch["text_heads"],
+                max_position_embeddings=arch["context_length"])
+    vw = arch["vision_width"]
+    vision = dict(model_type="vit", hidden_size=vw, intermediate_size=vw * m, num_hidden_layers=arch["vision_layers"],
+                  num_attention_heads=arch["vision_heads"], image_size=arch["image_size"], patch_size=arch["patch_size"])
+    return _contestant(arch, precision, text, vision, "mean", "cls", "BERT + ViT towers, mean/cls pooling (quickstart)")
+
+
+def mmcl_loss_factory():
+    from mmcl.losses import ClipLoss
+    import torch
+    lf = ClipLoss()
+    return lambda img, txt, s: lf(img, txt, torch.log(torch.as_tensor(s)))
+
+
+def register(contestants, losses):
+    contestants["mmcl_clip"] = build_mmcl_clip
+    contestants["mmcl_bert"] = build_mmcl_bert
+    losses["mmcl_loss"] = mmcl_loss_factory
