@@ -146,7 +146,10 @@ class TrainConfig:
 class LossConfig:
     """The contrastive loss (mmcl/losses)."""
 
-    name: Literal["clip"] = option("clip", "clip: symmetric InfoNCE over the global batch")
+    name: Literal["clip", "siglip"] = option(
+        "clip", "clip: symmetric InfoNCE over the global batch; siglip: pairwise sigmoid loss with a learned bias")
+    init_logit_bias: float = option(-10.0, "siglip: the learned bias starts here (SigLIP: -10, with "
+                                           "model.init_temperature 0.1)")
 
 
 @dataclass

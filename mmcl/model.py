@@ -39,6 +39,7 @@ class DualEncoderConfig:
     projection_dim: int = 512
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    init_logit_bias: float | None = None  # a learned logit bias (SigLIP's loss needs one), else none
     extra: dict[str, Any] = field(default_factory=dict)  # free metadata (training config, ...)
 
 
@@ -47,6 +48,7 @@ class DualEncoderOutput:
     image_embeds: torch.Tensor | None  # (B, D), unit norm
     text_embeds: torch.Tensor | None  # (B, D), unit norm
     logit_scale: torch.Tensor  # scalar, ln(1 / temperature)
+    logit_bias: torch.Tensor | None = None  # scalar, added to every logit (SigLIP); None without one
 
 
 @runtime_checkable
@@ -133,6 +135,7 @@ class DualEncoder(nn.Module):
         self.text_projection = nn.Linear(text_width, config.projection_dim, bias=False)
         self.visual_projection = nn.Linear(vision_width, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor(config.init_logit_bias))
 
     @property
     def embed_dim(self) -> int:
@@ -158,7 +161,13 @@ class DualEncoder(nn.Module):
             text_embeds = self.get_text_features(input_ids, attention_mask, **text_kwargs)
         if pixel_values is not None:
             image_embeds = self.get_image_features(pixel_values)
-        return DualEncoderOutput(image_embeds, text_embeds, self.logit_scale)
+        return DualEncoderOutput(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
+
+    def add_logit_bias(self, init: float) -> None:
+        """Give a model trained without one a learned logit bias (to fine-tune it with SigLIP's loss)."""
+        if self.logit_bias is None:
+            self.config.init_logit_bias = init
+            self.logit_bias = nn.Parameter(torch.tensor(init, device=self.logit_scale.device))
 
     def train(self, mode: bool = True) -> "DualEncoder":
         super().train(mode)

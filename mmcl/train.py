@@ -28,7 +28,7 @@ from .data.sources import load_pairs, load_stream
 from .data.streaming import StreamingPairs, stream_captions
 from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
 from .inference import EncoderBundle, load_processors
-from .losses import build_loss
+from .losses import build_loss, init_logit_bias
 from .model import DualEncoder
 from .tracking import build_trackers, flatten, progress_bar
 
@@ -143,7 +143,7 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: tor
     ids = {k: batch.pop(k) for k in ("image_ids", "text_ids") if k in batch}
     with accelerator.accumulate(model):
         out = model(**batch)  # through the prepared model: DDP's hooks live in its forward
-        loss = loss_fn(out.image_embeds, out.text_embeds, out.logit_scale, **ids)
+        loss = loss_fn(out, **ids)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             synced = True
@@ -169,7 +169,7 @@ class Trainer:
             config, self.train_ds, self.output_dir, resume_dir is not None, acc)
         fit_text_config(config.model, self.tokenizer)
         set_seed(tcfg.seed)  # the same initial weights whatever happened before
-        model = build_model(config.model)
+        model = build_model(config.model, init_logit_bias(config.loss))
         optimizer = build_optimizer(model, tcfg)
         self.scheduler = build_scheduler(optimizer, tcfg)
         self.stream = self.loader = None

@@ -48,7 +48,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
     def forward_loss(pixels, tokens):
         with acc.autocast():
             out = pmodel(**batch(pixels, tokens))
-            return loss_fn(out.image_embeds, out.text_embeds, out.logit_scale)
+            return loss_fn(out)
 
     def step(pixels, tokens):
         loss, _, _ = mt.training_step(acc, pmodel, loss_fn, opt, batch(pixels, tokens), None)
@@ -86,9 +86,10 @@ def build_mmcl_bert(arch, precision):
 
 def mmcl_loss_factory():
     from mmcl.losses import ClipLoss
+    from mmcl.model import DualEncoderOutput
     import torch
     lf = ClipLoss()
-    return lambda img, txt, s: lf(img, txt, torch.log(torch.as_tensor(s)))
+    return lambda img, txt, s: lf(DualEncoderOutput(img, txt, torch.log(torch.as_tensor(s))))
 
 
 def register(contestants, losses):

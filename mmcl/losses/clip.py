@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model import DualEncoderOutput
 from .distributed import gather_ids, gather_with_grad
 
 
@@ -35,21 +36,21 @@ class ClipLoss(nn.Module):
     id, identical caption -> same id), a pair whose image or caption also appears elsewhere in the
     global batch is not pushed away from its twin: those logits are masked out of the softmax.
 
-    Inputs: image_embeds (B, D), text_embeds (B, D), both unit norm, row i of each a pair;
-    logit_scale, a scalar tensor (the log of the inverse temperature); optional image_ids and
-    text_ids, (B,) int64.
+    Inputs: the model's output `out`: image_embeds (B, D), text_embeds (B, D), both unit norm, row i
+    of each a pair; logit_scale, a scalar tensor (the log of the inverse temperature); optional
+    image_ids and text_ids, (B,) int64.
     Returns the scalar loss of this rank.
 
     References: Radford et al. 2021 (CLIP); open_clip's ClipLoss (local_loss, gather_with_grad).
     """
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                image_ids: torch.Tensor | None = None, text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, out: DualEncoderOutput, image_ids: torch.Tensor | None = None,
+                text_ids: torch.Tensor | None = None) -> torch.Tensor:
         # The softmax runs in float32 even under bf16 autocast.
-        image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+        image_embeds, text_embeds = out.image_embeds.float(), out.text_embeds.float()
         all_images, rank = gather_with_grad(image_embeds)
         all_texts, _ = gather_with_grad(text_embeds)
-        scale = logit_scale.float().exp()
+        scale = out.logit_scale.float().exp()
         logits_per_image = scale * image_embeds @ all_texts.T  # (B, world * B)
         logits_per_text = scale * text_embeds @ all_images.T  # (B, world * B)
         batch = image_embeds.shape[0]

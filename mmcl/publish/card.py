@@ -35,7 +35,7 @@ KEY_SETTINGS = ("model.text_model", "model.vision_model", "model.init_from", "mo
                 "model.lock_vision", "model.lock_text", "data.train", "data.validation", "train.max_steps",
                 "train.per_device_batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
                 "train.lr_scheduler", "train.warmup_steps", "train.weight_decay", "train.mixed_precision",
-                "train.seed")
+                "train.seed", "loss.name")
 
 
 def _shown(ref: Any) -> str:

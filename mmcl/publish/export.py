@@ -42,6 +42,7 @@ class ExportReport:
     text_pooling: str
     vision_pooling: str
     logit_scale: float  # ln(1 / temperature); the ST route does not carry it, so it is kept here
+    logit_bias: float | None = None  # the SigLIP loss's learned bias, kept here (no exported class holds it)
     notes: list[str] = field(default_factory=list)
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # "<route> <modality>" -> vs mmcl
 
@@ -212,7 +213,12 @@ def _export_into(model_dir: Path, folder: Path) -> ExportReport:
     model: DualEncoder = bundle.encoder
     name, why_not = model.hf_class()
     report = ExportReport(None, False, model.config.text_pooling, model.config.vision_pooling,
-                          model.logit_scale.item(), [why_not] if why_not else [])
+                          model.logit_scale.item(), notes=[why_not] if why_not else [])
+    if model.logit_bias is not None:
+        report.logit_bias = model.logit_bias.item()
+        report.notes.append(f"the learned logit bias ({report.logit_bias:.4f}, SigLIP loss) is not part of the "
+                            "exported classes and is kept in mmcl_export.json: cosine similarities and rankings "
+                            "do not need it; sigmoid probabilities are sigmoid(exp(logit_scale) * cos + logit_bias)")
     probe = _probe(bundle)
     if name:
         _export_native(bundle, name, folder, report, probe)

@@ -6,16 +6,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from safetensors.torch import load_file
 
 from tests.conftest import DEBUG_CONFIG, REPO
 
 
-def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer):
+def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer, loss_args=()):
     args = ["mmcl.cli", "train", str(DEBUG_CONFIG), f"--model.tokenizer={tokenizer}", f"--train.output_dir={out}",
             f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
             f"--train.per_device_batch_size={batch}", "--train.max_steps=2", "--train.log_every=1",
-            "--train.checkpoint_every=0", "--train.progress_bar=false", "--train.warmup_steps=0"]
+            "--train.checkpoint_every=0", "--train.progress_bar=false", "--train.warmup_steps=0", *loss_args]
     if nproc == 1:
         cmd = [sys.executable, "-m", *args]
     else:
@@ -29,7 +31,11 @@ def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer):
     return losses, load_file(out / "final" / "model.safetensors")
 
 
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cache, small_emoji):
+LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature=0.1")}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cache, small_emoji, loss):
     # one tokenizer for both runs: WordPiece training is not deterministic across processes
     from datasets import load_from_disk
 
@@ -38,11 +44,12 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cac
 
     tokenizer = tmp_path / "tokenizer"
     train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)
-    single_loss, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer)
-    multi_loss, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer)
+    single_loss, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
+    multi_loss, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
     assert len(single_loss) == len(multi_loss) == 2
     for a, b in zip(single_loss, multi_loss):
         assert abs(a - b) < 1e-5, (single_loss, multi_loss)
     for name in single:
         assert (single[name] - multi[name]).abs().max().item() < 1e-5, name
     assert "logit_scale" in single
+    assert ("logit_bias" in single) == (loss == "siglip")
