@@ -10,7 +10,7 @@ from transformers import (BertConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLI
 
 from mmcl.config import ModelConfig
 from mmcl.build import build_model
-from mmcl.model import DualEncoder, DualEncoderConfig, pool
+from mmcl.model import DualEncoder, DualEncoderConfig, Encoder, pool
 
 TEXT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 32}
@@ -34,10 +34,23 @@ def test_save_load_round_trip_is_exact(tmp_path, text_pooling, vision_pooling):
     assert before.text_embeds.shape == before.image_embeds.shape == (3, 8)
     assert torch.allclose(before.text_embeds.norm(dim=-1), torch.ones(3))
     assert before.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    assert isinstance(model, Encoder) and model.embed_dim == 8  # the contract evaluation relies on
     model.save_pretrained(tmp_path)
     after = DualEncoder.from_pretrained(tmp_path)(**batch())
     assert torch.equal(before.text_embeds, after.text_embeds)
     assert torch.equal(before.image_embeds, after.image_embeds)
+
+
+def test_a_learned_logit_bias_round_trips_and_reaches_the_output(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(text_config=dict(TEXT), vision_config=dict(VISION), projection_dim=8),
+                        init_logit_bias=-10.0).eval()
+    assert model(**batch()).logit_bias.item() == -10.0
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.5)
+    model.save_pretrained(tmp_path)
+    assert DualEncoder.from_pretrained(tmp_path)(**batch()).logit_bias.item() == -7.5
+    assert build_model(ModelConfig(text_config=dict(TEXT), vision_config=dict(VISION))).logit_bias is None
 
 
 def test_masked_mean_ignores_padding():

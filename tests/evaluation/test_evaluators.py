@@ -16,7 +16,7 @@ from mmcl.config import ConfigError, EvalConfig, EvalSpec
 from mmcl.evaluation.evaluators import evaluate_model, run_eval
 from mmcl.evaluation.zero_shot import class_labels
 from mmcl.inference import EncoderBundle
-from mmcl.model import DualEncoderOutput
+from mmcl.model import DualEncoderOutput, Encoder
 from mmcl.build import train_wordpiece
 from mmcl.config import ModelConfig
 from mmcl.build import build_image_processor
@@ -181,3 +181,4 @@ def test_transformers_models_evaluate_through_the_same_path(tmp_path, kind):
         ref = model.eval().get_image_features(pixel_values=pixels)
     ref = getattr(ref, "pooler_output", ref)
     assert torch.allclose(ours, F.normalize(ref, dim=-1), atol=1e-6)
+    assert isinstance(loaded.encoder, Encoder) and loaded.encoder.embed_dim == ours.shape[1]
