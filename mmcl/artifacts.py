@@ -167,10 +167,10 @@ def load_training_config(folder: str | os.PathLike) -> dict[str, Any] | None:
         return yaml.safe_load(f) or {}
 
 
-def trained_max_length(folder: str | os.PathLike, default: int = 77) -> int:
-    """The caption length a model was trained with (from its saved training config)."""
-    config = load_training_config(folder) or {}
-    return int((config.get("model") or {}).get("max_text_length") or default)
+def trained_text_inputs(folder: str | os.PathLike, default_length: int = 77) -> tuple[int, str]:
+    """(max caption length, padding) a model was trained with, from its saved training config."""
+    model = (load_training_config(folder) or {}).get("model") or {}
+    return int(model.get("max_text_length") or default_length), str(model.get("text_padding") or "longest")
 
 
 def write_json(path: Path, value: Any) -> None:

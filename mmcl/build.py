@@ -95,11 +95,12 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None) -> DualE
 
 
 def load_initial_model(cfg: ModelConfig) -> DualEncoder:
-    """`init_from`: an mmcl folder, a `CLIPModel` or a `VisionTextDualEncoderModel` (folder or Hub id)."""
+    """`init_from`: an mmcl folder, a `CLIPModel`, `SiglipModel` or `VisionTextDualEncoderModel` (folder
+    or Hub id). A SigLIP model keeps its own heads (identity projections) and its logit bias."""
     name = cfg.init_from
     if (Path(name) / MODEL_CONFIG_NAME).is_file():
         return DualEncoder.from_pretrained(name).train()
-    source = load_hf_dual_encoder(name, ("clip", "vision-text-dual-encoder"), cfg.trust_remote_code)
+    source = load_hf_dual_encoder(name, ("clip", "siglip", "vision-text-dual-encoder"), cfg.trust_remote_code)
     return DualEncoder.from_hf(source, cfg.init_temperature, cfg.max_logit_scale)
 
 

@@ -56,6 +56,9 @@ class ModelConfig:
     image_processor: str | None = option(None, "image processor folder / Hub id; empty: the vision tower's own")
     image_size: int = option(224, "side of a built (not loaded) image processor's output")
     max_text_length: int = option(32, "captions are truncated to this many tokens")
+    text_padding: Literal["longest", "max_length"] = option(
+        "longest", "pad captions to the batch's longest, or to max_text_length (SigLIP pools the last position: "
+                   "fine-tune SigLIP models with max_length)")
     text_pooling: Pooling = option("pooler", "pooler (the tower's own) | cls | mean (attention-masked)")
     vision_pooling: Pooling = option("pooler", "pooler | cls | mean")
     projection_dim: int = option(512, "width of the shared embedding space")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import MODEL_CONFIG_NAME, check_model_reference, trained_max_length
+from .artifacts import MODEL_CONFIG_NAME, check_model_reference, trained_text_inputs
 from .config import ConfigError
 from .model import DualEncoder, DualEncoderOutput, Encoder
 
@@ -110,8 +110,9 @@ def load_encoder(name: str, trust_remote_code: bool = False) -> EncoderBundle:
     check_model_reference(name)
     if (Path(name) / MODEL_CONFIG_NAME).is_file():
         tokenizer, image_processor = load_processors(name, trust_remote_code)
-        return EncoderBundle(DualEncoder.from_pretrained(name).eval(), tokenizer, image_processor,
-                             max_length=trained_max_length(name), name=name)
+        max_length, padding = trained_text_inputs(name)
+        return EncoderBundle(DualEncoder.from_pretrained(name).eval(), tokenizer, image_processor, padding,
+                             max_length, name)
     model = load_hf_dual_encoder(name, SUPPORTED, trust_remote_code).eval()
     tokenizer, image_processor = load_processors(name, trust_remote_code)
     siglip = model.config.model_type.startswith("siglip")

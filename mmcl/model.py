@@ -40,6 +40,7 @@ class DualEncoderConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # a learned logit bias (SigLIP's loss needs one), else none
+    identity_projection: bool = False  # SigLIP's towers project themselves: no projection layers
     extra: dict[str, Any] = field(default_factory=dict)  # free metadata (training config, ...)
 
 
@@ -73,7 +74,8 @@ class Encoder(Protocol):
 
 
 def _hidden_size(config: PretrainedConfig) -> int:
-    for name in ("projection_dim_in", "hidden_size", "d_model", "embed_dim"):
+    # projection_size: SigLIP's text head output, the width of its pooler_output
+    for name in ("projection_size", "projection_dim_in", "hidden_size", "d_model", "embed_dim"):
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
     sizes = getattr(config, "hidden_sizes", None)  # ConvNeXt, ResNet: the last stage's width
@@ -82,11 +84,20 @@ def _hidden_size(config: PretrainedConfig) -> int:
     raise ValueError(f"cannot tell the output width of a {type(config).__name__}; set its hidden_size")
 
 
+# Towers that AutoModel does not build from their own config type
+_TOWER_CLASSES = {"siglip_text_model": "SiglipTextModel", "siglip_vision_model": "SiglipVisionModel"}
+
+
 def tower_from_dict(config: dict[str, Any]) -> PreTrainedModel:
     """A tower at random init from a config dict with `model_type` (offline)."""
     config = dict(config)
     model_type = config.pop("model_type")
-    return AutoModel.from_config(AutoConfig.for_model(model_type, **config))
+    tower_config = AutoConfig.for_model(model_type, **config)
+    if model_type in _TOWER_CLASSES:
+        import transformers
+
+        return getattr(transformers, _TOWER_CLASSES[model_type])(tower_config)
+    return AutoModel.from_config(tower_config)
 
 
 def pool(outputs: Any, attention_mask: torch.Tensor | None, how: str) -> torch.Tensor:
@@ -131,9 +142,14 @@ class DualEncoder(nn.Module):
                     tower.pooler = None
         text_width = _hidden_size(self.text_model.config)
         vision_width = _hidden_size(self.vision_model.config)
-        # No bias, as in CLIP: keeps export to CLIPModel / VisionTextDualEncoderModel exact.
-        self.text_projection = nn.Linear(text_width, config.projection_dim, bias=False)
-        self.visual_projection = nn.Linear(vision_width, config.projection_dim, bias=False)
+        if config.identity_projection:  # the towers' pooler_output is already the shared space
+            if not text_width == vision_width == config.projection_dim:
+                raise ValueError(f"identity projections need equal widths, got text {text_width}, vision "
+                                 f"{vision_width}, projection_dim {config.projection_dim}")
+            self.text_projection, self.visual_projection = nn.Identity(), nn.Identity()
+        else:  # no bias, as in CLIP: keeps export to CLIPModel / VisionTextDualEncoderModel exact
+            self.text_projection = nn.Linear(text_width, config.projection_dim, bias=False)
+            self.visual_projection = nn.Linear(vision_width, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor(config.init_logit_bias))
 
@@ -208,18 +224,22 @@ class DualEncoder(nn.Module):
         so the result pools with "pooler" on both sides; the temperature is the source's.
         """
         text, vision = source.text_model, source.vision_model
+        siglip = source.config.model_type == "siglip"  # towers with their own heads, and a logit bias
+        bias = source.logit_bias.item() if siglip else None
+        dim = _hidden_size(vision.config) if siglip else source.text_projection.out_features
         dual = cls(DualEncoderConfig(
             text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
-            text_pooling="pooler", vision_pooling="pooler", projection_dim=source.text_projection.out_features,
-            init_temperature=init_temperature, max_logit_scale=max_logit_scale), text, vision)
-        dual.text_projection.load_state_dict(source.text_projection.state_dict())
-        dual.visual_projection.load_state_dict(source.visual_projection.state_dict())
-        dual.logit_scale.data.copy_(source.logit_scale.data)
+            text_pooling="pooler", vision_pooling="pooler", projection_dim=dim, init_temperature=init_temperature,
+            max_logit_scale=max_logit_scale, init_logit_bias=bias, identity_projection=siglip), text, vision)
+        if not siglip:
+            dual.text_projection.load_state_dict(source.text_projection.state_dict())
+            dual.visual_projection.load_state_dict(source.visual_projection.state_dict())
+        dual.logit_scale.data.copy_(source.logit_scale.data.reshape(()))  # SigLIP's is (1,)
         return dual
 
     def hf_class(self) -> tuple[str | None, str | None]:
         """(the transformers class that can hold this model, or None; why not, if None)."""
-        from transformers import CLIPTextModel, CLIPVisionModel
+        from transformers import CLIPTextModel, CLIPVisionModel, SiglipTextModel, SiglipVisionModel
 
         cfg = self.config
         if cfg.text_pooling != "pooler" or cfg.vision_pooling != "pooler":
@@ -229,6 +249,11 @@ class DualEncoder(nn.Module):
                           "sentence-transformers route")
         if isinstance(self.text_model, CLIPTextModel) and isinstance(self.vision_model, CLIPVisionModel):
             return "CLIPModel", None
+        siglip_towers = isinstance(self.text_model, SiglipTextModel) and isinstance(self.vision_model, SiglipVisionModel)
+        if siglip_towers and cfg.identity_projection and self.logit_bias is not None:
+            return "SiglipModel", None
+        if cfg.identity_projection:
+            return None, "identity projections without SigLIP towers and bias have no native transformers class"
         return "VisionTextDualEncoderModel", None
 
     def to_hf(self, name: str) -> PreTrainedModel:
@@ -237,6 +262,8 @@ class DualEncoder(nn.Module):
 
         text, vision = self.text_model, self.vision_model
         dim, scale = self.config.projection_dim, self.logit_scale.item()
+        if name == "SiglipModel":
+            return self._to_siglip()
         if name == "CLIPModel":
             native = CLIPModel(CLIPConfig(text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),
                                           projection_dim=dim, logit_scale_init_value=scale))
@@ -249,4 +276,15 @@ class DualEncoder(nn.Module):
         native.text_projection.load_state_dict(self.text_projection.state_dict())
         native.visual_projection.load_state_dict(self.visual_projection.state_dict())
         native.logit_scale.data.copy_(self.logit_scale.data)
+        return native.eval()
+
+    def _to_siglip(self) -> PreTrainedModel:
+        from transformers import SiglipConfig, SiglipModel
+
+        native = SiglipModel(SiglipConfig(text_config=self.text_model.config.to_dict(),
+                                          vision_config=self.vision_model.config.to_dict()))
+        native.text_model.load_state_dict(self.text_model.state_dict())
+        native.vision_model.load_state_dict(self.vision_model.state_dict())
+        native.logit_scale.data.copy_(self.logit_scale.data.reshape(1))
+        native.logit_bias.data.copy_(self.logit_bias.data.reshape(1))
         return native.eval()

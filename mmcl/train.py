@@ -96,7 +96,7 @@ def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_proc
                           seed=config.train.seed, augment=build_augment(data))
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.train.per_device_batch_size, shuffle=True, drop_last=True,
-        collate_fn=PairCollator(tokenizer, config.model.max_text_length),
+        collate_fn=PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding),
         num_workers=config.data.num_workers, persistent_workers=False)
 
 
@@ -110,7 +110,8 @@ def load_train_dataset(data: DataConfig, accelerator: Accelerator) -> Any:
 def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
                  accelerator: Accelerator) -> StreamingPairs:
     data = config.data
-    return StreamingPairs(train_ds, data, image_processor, PairCollator(tokenizer, config.model.max_text_length),
+    collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
+    return StreamingPairs(train_ds, data, image_processor, collator,
                           config.train.per_device_batch_size, config.train.seed, accelerator.process_index,
                           accelerator.num_processes, data.shuffle_buffer, build_augment(data))
 
@@ -211,8 +212,9 @@ class Trainer:
 
     def bundle(self) -> EncoderBundle:
         """The prepared model (DDP's wrapper included) with its inputs' makers, for evaluation."""
-        return EncoderBundle(self.model, self.tokenizer, self.image_processor,
-                             max_length=self.config.model.max_text_length)
+        model = self.config.model
+        return EncoderBundle(self.model, self.tokenizer, self.image_processor, model.text_padding,
+                             model.max_text_length)
 
     def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         self.skipped.add(batch.pop("skipped"))

@@ -121,13 +121,15 @@ class PairDataset(torch.utils.data.Dataset):
 
 @dataclass
 class PairCollator:
-    """Stacks pixels and tokenizes the captions of a batch (padded to the longest, truncated)."""
+    """Stacks pixels and tokenizes the captions of a batch (truncated to `max_length`; padded to the
+    batch's longest, or to `max_length` with padding="max_length")."""
 
     tokenizer: Any
     max_length: int
+    padding: str = "longest"
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        text = self.tokenizer([it["caption"] for it in items], padding="longest", truncation=True,
+        text = self.tokenizer([it["caption"] for it in items], padding=self.padding, truncation=True,
                               max_length=self.max_length, return_tensors="pt")
         batch = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
                  "pixel_values": torch.stack([it["pixel_values"] for it in items])}

@@ -216,6 +216,7 @@ def _export_into(model_dir: Path, folder: Path) -> ExportReport:
                           model.logit_scale.item(), notes=[why_not] if why_not else [])
     if model.logit_bias is not None:
         report.logit_bias = model.logit_bias.item()
+    if model.logit_bias is not None and name != "SiglipModel":
         report.notes.append(f"the learned logit bias ({report.logit_bias:.4f}, SigLIP loss) is not part of the "
                             "exported classes and is kept in mmcl_export.json: cosine similarities and rankings "
                             "do not need it; sigmoid probabilities are sigmoid(exp(logit_scale) * cos + logit_bias)")

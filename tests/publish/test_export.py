@@ -197,3 +197,57 @@ def test_export_subcommand_is_registered():
 
     args = build_parser().parse_args(["export", "runs/x/final", "out"])
     assert (args.model_dir, args.out_dir) == ("runs/x/final", "out") and callable(args.func)
+
+
+def test_siglip_init_keeps_its_heads_and_bias_and_exports_as_a_native_siglip_model(tmp_path):
+    """A small random SiglipModel on disk stands in for a Hub checkpoint: `init_from` reproduces its
+    features and bias, a SigLIP-loss training step runs, and the export is a SiglipModel that
+    transformers loads with AutoModel in a process without mmcl, matching mmcl's embeddings."""
+    from transformers import SiglipConfig, SiglipModel
+
+    from mmcl.config import LossConfig
+    from mmcl.inference import load_processors
+    from mmcl.losses import build_loss, init_logit_bias
+
+    tokenizer = train_wordpiece(CAPTIONS, vocab_size=120)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                vocab_size=len(tokenizer), max_position_embeddings=32)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+                  patch_size=4)
+    torch.manual_seed(0)
+    source = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        source.logit_scale.fill_(2.3)
+        source.logit_bias.fill_(-7.0)
+    hub_like = tmp_path / "siglip"
+    source.save_pretrained(hub_like)
+    tokenizer.save_pretrained(hub_like)
+    build_image_processor(ModelConfig(image_size=16)).save_pretrained(hub_like)
+
+    cfg = ModelConfig(init_from=str(hub_like), max_text_length=16)
+    model = build_model(cfg, init_logit_bias(LossConfig(name="siglip"))).eval()
+    assert model.logit_bias.item() == pytest.approx(-7.0) and model.logit_scale.item() == pytest.approx(2.3)
+    enc = tokenizer(TEXTS, padding="longest", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.get_text_features(enc["input_ids"], enc["attention_mask"])
+        ref = source.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
+    assert (ours - torch.nn.functional.normalize(ref, dim=-1)).abs().max().item() < 1e-6
+
+    model.train()  # one step of SigLIP's loss moves the towers and the bias
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    image_pixels = torch.randn(len(TEXTS), 3, 16, 16)
+    build_loss(LossConfig(name="siglip"))(model(**enc, pixel_values=image_pixels)).backward()
+    optimizer.step()
+    assert model.logit_bias.item() != pytest.approx(-7.0)
+    folder = tmp_path / "mmcl_model"
+    save_final(model.eval(), tokenizer, load_processors(hub_like)[1], Config(model=cfg), folder)
+
+    report = export_model(folder, tmp_path / "exported")
+    assert report.native_class == "SiglipModel" and report.sentence_transformers
+    assert report.logit_bias == pytest.approx(model.logit_bias.item())
+    got = _load_clean(tmp_path / "exported", True, tmp_path / "embeddings.json")
+    ref_text, ref_image = _mmcl_embeddings(folder)
+    for key, ref in (("hf_text", ref_text), ("hf_image", ref_image), ("st_text", ref_text), ("st_image", ref_image)):
+        assert (torch.tensor(got[key]) - ref).abs().max().item() < 1e-5, key
+    assert got["class"] == "SiglipModel" and got["logit_scale"] == pytest.approx(model.logit_scale.item())
+
