@@ -218,10 +218,12 @@ class DualEncoder(nn.Module):
     @classmethod
     def from_hf(cls, source: PreTrainedModel, init_temperature: float = 0.07,
                 max_logit_scale: float = 100.0) -> "DualEncoder":
-        """A dual encoder holding the weights of a `CLIPModel` or `VisionTextDualEncoderModel`.
+        """A dual encoder holding the weights of a `CLIPModel`, `SiglipModel` or `VisionTextDualEncoderModel`.
 
-        Both project their towers' `pooler_output` (CLIP: the EOS token / the post-normed CLS),
-        so the result pools with "pooler" on both sides; the temperature is the source's.
+        All use their towers' `pooler_output` (CLIP: the EOS token / the post-normed CLS; SigLIP: the
+        last token through its head / the attention-pooling head), so the result pools with
+        "pooler" on both sides. CLIP and VTDE projections are copied; SigLIP has none (its heads
+        project), so it gets identity projections, and its logit bias. The temperature is the source's.
         """
         text, vision = source.text_model, source.vision_model
         siglip = source.config.model_type == "siglip"  # towers with their own heads, and a logit bias
