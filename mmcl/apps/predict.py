@@ -106,11 +106,10 @@ def _write_embeddings(out: dict[str, Any], path: Path) -> None:
         np.savez(path, **out)
 
 
-def predict(bundle: EncoderBundle, accelerator: Accelerator, images: list[str], labels: list[str],
+def predict(bundle: EncoderBundle, accelerator: Accelerator, paths: list[Path], labels: list[str],
             templates: str = "simple", top_k: int = 5) -> list[dict]:
-    """Zero-shot classify image files: per image, the top-k labels with probabilities."""
+    """Zero-shot classify image files (see `list_images`): per image, the top-k labels with probabilities."""
     template_list = load_templates(templates)
-    paths = list_images(images)
     classes = zero_shot_classifier(lambda texts: text_embeddings(bundle, accelerator, texts), labels,
                                    template_list)  # (C, D)
     embeds, valid = image_embeddings(bundle, accelerator, paths)
@@ -167,8 +166,6 @@ def folder_embeddings(bundle: EncoderBundle, accelerator: Accelerator, folder: P
 def search(bundle: EncoderBundle, accelerator: Accelerator, folder: str, queries: list[str],
            top_k: int = 5) -> tuple[list[dict], bool]:
     """Text -> images over a folder: per query the top-k files and their cosine similarity."""
-    if not Path(folder).is_dir():
-        raise ConfigError(f"{folder}: no such folder of images")
     paths, embeds, cached = folder_embeddings(bundle, accelerator, Path(folder))
     scores = text_embeddings(bundle, accelerator, queries) @ embeds.T  # (Q, N)
     results = []

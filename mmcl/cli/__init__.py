@@ -11,12 +11,12 @@ import argparse
 import sys
 from typing import NoReturn
 
+from ..config import ConfigError
 from . import apps, data, evaluate, publish, train
 
 COMMAND_GROUPS = (train, evaluate, data, apps, publish)
 # What a user's mistake raises: mmcl's ConfigError (a ValueError), and the OS's word for a path.
-USER_ERRORS = ("ConfigError", "FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError",
-               "PermissionError")
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,10 +34,6 @@ def build_parser() -> Parser:
     return parser
 
 
-def _is_user_error(err: BaseException) -> bool:
-    return any(cls.__name__ in USER_ERRORS for cls in type(err).__mro__)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, extra = build_parser().parse_known_args(argv)
@@ -45,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args, extra)
-    except Exception as err:
-        if not _is_user_error(err):
-            raise
+    except USER_ERRORS as err:
         message = " ".join(str(err).split()) or type(err).__name__  # one line
         print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
         return 2

@@ -27,9 +27,9 @@ def predict(args: argparse.Namespace, extra: list[str]) -> int:
     from ..apps.predict import list_images, load_for_inference, predict, write_predictions
 
     labels = _labels(args)
-    list_images(args.images)  # a missing file fails before the model loads
+    paths = list_images(args.images)  # a missing file fails before the model loads
     bundle, accelerator = load_for_inference(args.model)
-    rows = predict(bundle, accelerator, args.images, labels, args.templates, args.top_k)
+    rows = predict(bundle, accelerator, paths, labels, args.templates, args.top_k)
     for row in rows:
         shown = row.get("error") or "  ".join(f"{t['label']} {t['prob']:.3f}" for t in row["top"])
         print(f"{row['image']}\t{shown}")
