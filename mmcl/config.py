@@ -109,6 +109,11 @@ class DataConfig:
     augment: bool = option(False, "random resized crop + mild colour jitter (mmcl/data/augment.py)")
     augment_scale: list[float] = option(help="crop area fraction range", factory=lambda: [0.6, 1.0])
     augment_flip: bool = option(False, "random horizontal flips (changes 'left arrow' captions)")
+    batch_sampler: Literal["random", "cluster"] = option(
+        "random", "cluster: each batch from a few k-means clusters of image embeddings (hard in-batch negatives)")
+    cluster_model: str | None = option(None, "cluster: the model whose image embeddings are clustered")
+    num_clusters: int = option(32, "cluster: k of k-means")
+    clusters_per_batch: int = option(2, "cluster: clusters each batch is drawn from")
 
     def train_source(self) -> SourceSpec:
         return SourceSpec(self.train, self.train_split, self.dataset_config, self.image_column, self.caption_column)
@@ -147,12 +152,23 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """The contrastive loss (mmcl/losses)."""
+    """The contrastive loss (mmcl/losses) and what it adds to the batch: a cache for batches larger
+    than memory, hard negatives, a queue of negatives from earlier steps, an image–image term."""
 
     name: Literal["clip", "siglip"] = option(
         "clip", "clip: symmetric InfoNCE over the global batch; siglip: pairwise sigmoid loss with a learned bias")
     init_logit_bias: float = option(-10.0, "siglip: the learned bias starts here (SigLIP: -10, with "
                                            "model.init_temperature 0.1)")
+    cache_chunk: int = option(0, "GradCache: embed the batch N rows at a time, so the batch can exceed memory "
+                                 "(same step as the full batch); 0: off")
+    hard_negative_column: str | None = option(None, "a column of captions (a list per row, e.g. from `mmcl data "
+                                                    "mine-negatives`) added to that row's candidates")
+    queue_size: int = option(0, "MoCo-style: keep this many earlier image and text embeddings as extra negatives")
+    momentum: float = option(0.99, "queue: embeddings come from an EMA copy of the model with this momentum; "
+                                   "0: from the model itself (detached)")
+    image_ssl_weight: float = option(0.0, "SLIP: add this weight x SimCLR's loss on two augmented views of each image")
+    image_ssl_temperature: float = option(0.1, "SLIP: the NT-Xent temperature")
+    image_ssl_dim: int = option(256, "SLIP: output width of the image-image MLP head")
 
 
 @dataclass
@@ -418,3 +434,20 @@ def validate(config: Config) -> None:
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"'train.{key}' must be >= 1")
+    validate_loss(config.loss, config.data)
+
+
+def validate_loss(loss: LossConfig, data: DataConfig) -> None:
+    """The loss options that cannot be combined or are out of range."""
+    for key in ("cache_chunk", "queue_size", "image_ssl_weight"):
+        if getattr(loss, key) < 0:
+            raise ConfigError(f"'loss.{key}' must be >= 0")
+    if not 0.0 <= loss.momentum < 1.0:
+        raise ConfigError(f"'loss.momentum' must be in [0, 1), got {loss.momentum}")
+    if loss.cache_chunk and loss.image_ssl_weight:
+        raise ConfigError("loss.image_ssl_weight cannot be combined with loss.cache_chunk yet: set one of them to 0")
+    if data.batch_sampler == "cluster" and not data.cluster_model:
+        raise ConfigError("data.batch_sampler=cluster needs data.cluster_model (a trained model folder to embed "
+                          "the images with)")
+    if data.batch_sampler == "cluster" and data.streaming:
+        raise ConfigError("data.batch_sampler=cluster needs the whole dataset: it cannot stream (set data.streaming=false)")

@@ -24,11 +24,11 @@ from .build import build_image_processor, build_model, build_tokenizer, fit_text
 from .config import Config, ConfigError, DataConfig, EvalSpec, TrainConfig
 from .data.augment import Augment
 from .data.pairs import PairCollator, PairDataset, SkipCounter, iter_captions
-from .data.sources import load_pairs, load_stream
+from .data.sources import load_pairs, load_stream, require_columns
 from .data.streaming import StreamingPairs, stream_captions
 from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
 from .inference import EncoderBundle, load_processors
-from .losses import build_loss, init_logit_bias
+from .losses import build_objective, init_logit_bias
 from .model import DualEncoder
 from .tracking import build_trackers, flatten, progress_bar
 
@@ -93,18 +93,24 @@ def build_augment(data: DataConfig) -> Augment | None:
 def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any) -> torch.utils.data.DataLoader:
     data = config.data
     dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
-                          seed=config.train.seed, augment=build_augment(data))
+                          seed=config.train.seed, augment=build_augment(data),
+                          negative_column=config.loss.hard_negative_column)
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.train.per_device_batch_size, shuffle=True, drop_last=True,
         collate_fn=PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding),
         num_workers=config.data.num_workers, persistent_workers=False)
 
 
-def load_train_dataset(data: DataConfig, accelerator: Accelerator) -> Any:
+def load_train_dataset(config: Config, accelerator: Accelerator) -> Any:
+    data, negatives = config.data, config.loss.hard_negative_column
     if data.streaming:
         return load_stream(data.train_source())
     with accelerator.main_process_first():  # a built-in dataset is built once, then read
-        return load_pairs(data.train_source(), data.cache_dir, data.emoji_image_size)
+        ds = load_pairs(data.train_source(), data.cache_dir, data.emoji_image_size)
+    if negatives:
+        require_columns(ds, data.train_source(), {negatives: "(loss.hard_negative_column; `mmcl data "
+                                                             "mine-negatives` writes one)"})
+    return ds
 
 
 def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
@@ -113,7 +119,8 @@ def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor:
     collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
     return StreamingPairs(train_ds, data, image_processor, collator,
                           config.train.per_device_batch_size, config.train.seed, accelerator.process_index,
-                          accelerator.num_processes, data.shuffle_buffer, build_augment(data))
+                          accelerator.num_processes, data.shuffle_buffer, build_augment(data),
+                          config.loss.hard_negative_column)
 
 
 def eval_specs(config: Config) -> dict[str, EvalSpec]:
@@ -141,10 +148,8 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: tor
     """One micro-batch; returns its loss, whether this was an optimizer step (the last
     micro-batch of an accumulation), and the gradient norm (None where the backend gives none)."""
     grad_norm, synced = None, False
-    ids = {k: batch.pop(k) for k in ("image_ids", "text_ids") if k in batch}
     with accelerator.accumulate(model):
-        out = model(**batch)  # through the prepared model: DDP's hooks live in its forward
-        loss = loss_fn(out, **ids)
+        loss = loss_fn(model, batch)  # the objective runs the prepared model: DDP's hooks live in its forward
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             synced = True
@@ -162,7 +167,7 @@ class Trainer:
         self.output_dir = Path(tcfg.output_dir)
         self.accelerator = acc = build_accelerator(tcfg)
         set_seed(tcfg.seed)
-        self.train_ds = load_train_dataset(config.data, acc)
+        self.train_ds = load_train_dataset(config, acc)
         self.evals = load_eval_datasets(config, acc)
         self.best: float | None = None
         resume_dir = ckpt.resolve_resume(tcfg.resume, self.output_dir)
@@ -186,7 +191,9 @@ class Trainer:
                                   f"({tcfg.per_device_batch_size} x {acc.num_processes} processes); lower "
                                   "train.per_device_batch_size")
         acc.register_for_checkpointing(self.scheduler)
-        self.loss_fn = build_loss(config.loss)
+        self.loss_fn = build_objective(config.loss, self.model, acc)
+        if self.loss_fn.has_state():  # a queue and its momentum copy: checkpointed with the rest
+            acc.register_for_checkpointing(self.loss_fn)
         self.skipped = SkipCounter()
         self.step = 0
         if resume_dir is not None:

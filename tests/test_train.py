@@ -40,13 +40,14 @@ def test_debug_run_writes_model_metrics_and_logs(tmp_path, emoji_cache):
     assert [p.name for p in checkpoints(tmp_path)] == ["step-00000003", "step-00000006"]
 
 
-def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji):
+@pytest.mark.parametrize("loss", [(), ("--loss.queue_size=40", "--loss.momentum=0.9")], ids=["clip", "queue"])
+def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji, loss):
     """6 steps, a fresh process resuming from the step-3 checkpoint, 3 more: the same weights as
     6 uninterrupted steps. 96 rows / batch 16 = 6 steps an epoch with 2-step accumulation: 3
     optimizer steps an epoch, so the resume starts a new epoch's shuffled order mid-run."""
     common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=6",
               "--train.checkpoint_every=3", "--train.gradient_accumulation_steps=2",
-              "--train.per_device_batch_size=16", "--train.keep_last=0"]
+              "--train.per_device_batch_size=16", "--train.keep_last=0", *loss]
     full = tmp_path / "full"
     train(debug_config(full, emoji_cache, *common))
     resumed = tmp_path / "resumed"

@@ -83,8 +83,10 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str,
-                 image_processor: Any, seed: int = 0, max_tries: int = 64, augment: Any = None) -> None:
+                 image_processor: Any, seed: int = 0, max_tries: int = 64, augment: Any = None,
+                 negative_column: str | None = None) -> None:
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
+        self.negative_column = negative_column  # each row's hard-negative captions (a list), or None
         self.image_processor, self.seed, self.epoch, self.max_tries = image_processor, seed, 0, max_tries
         self.augment = augment  # (PIL image, random.Random) -> PIL image, or None
         self.min_size = processor_min_size(image_processor)
@@ -99,6 +101,8 @@ class PairDataset(torch.utils.data.Dataset):
         example = self.ds[row]
         item = make_pair(example[self.image_column], example[self.caption_column], self.image_processor,
                          f"{self.seed}/{self.epoch}/{row}", self.augment, self.min_size, f"row:{row}".encode())
+        if self.negative_column:
+            item["negatives"] = caption_list(example[self.negative_column])
         return {**item, "row": row}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -122,21 +126,39 @@ class PairDataset(torch.utils.data.Dataset):
 @dataclass
 class PairCollator:
     """Stacks pixels and tokenizes the captions of a batch (truncated to `max_length`; padded to the
-    batch's longest, or to `max_length` with padding="max_length")."""
+    batch's longest, or to `max_length` with padding="max_length").
+
+    Items with hard-negative captions ("negatives"): their captions follow the B captions in
+    `input_ids`, k per row (k = the most any row has; a row with fewer is padded with its own
+    caption, which the loss masks as a twin), with `negative_text_ids` (B, k).
+    """
 
     tokenizer: Any
     max_length: int
     padding: str = "longest"
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        text = self.tokenizer([it["caption"] for it in items], padding=self.padding, truncation=True,
-                              max_length=self.max_length, return_tensors="pt")
+        captions = [it["caption"] for it in items]
+        negatives = hard_negatives(items)
+        text = self.tokenizer(captions + [c for row in negatives for c in row], padding=self.padding,
+                              truncation=True, max_length=self.max_length, return_tensors="pt")
         batch = {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
                  "pixel_values": torch.stack([it["pixel_values"] for it in items])}
         batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
         batch["text_ids"] = torch.tensor([it["text_id"] for it in items], dtype=torch.long)
+        if negatives:
+            batch["negative_text_ids"] = torch.tensor([[stable_id(c.encode("utf-8")) for c in row] for row in negatives],
+                                                      dtype=torch.long)
         batch["skipped"] = [s for it in items for s in it["skipped"]]
         return batch
+
+
+def hard_negatives(items: list[dict[str, Any]]) -> list[list[str]]:
+    """Each item's hard-negative captions, k per row (padded with the row's own caption); [] if none."""
+    if not any("negatives" in it for it in items):
+        return []
+    k = max(len(it.get("negatives", [])) for it in items)
+    return [(it.get("negatives", []) + [it["caption"]] * k)[:k] for it in items] if k else []
 
 
 def iter_captions(ds: datasets.Dataset, column: str, limit: int = 200_000) -> Iterator[str]:

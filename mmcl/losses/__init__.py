@@ -1,16 +1,27 @@
-"""Contrastive losses. `build_loss(cfg)` gives the one `loss.name` selects. Every loss is called
-with the model's `DualEncoderOutput` (unit-norm embeddings, logit_scale, logit_bias) and optional
-pair ids (`image_ids`, `text_ids`: twins are never negatives)."""
+"""Contrastive losses.
+
+`build_loss(cfg)` gives the pair loss `loss.name` selects; it is called with the model's
+`DualEncoderOutput` (unit-norm embeddings, logit_scale, logit_bias), optional pair ids
+(`image_ids`, `text_ids`: twins are never negatives) and optional extra `Negatives`.
+`build_objective(cfg, model, accelerator)` wraps it with what the config adds (GradCache, a
+queue, the image–image term) into the callable the training loop runs: `objective(model, batch)`.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
 from ..config import LossConfig
 from .clip import ClipLoss
+from .negatives import Negatives
+from .objective import Objective
+from .queue import FeatureQueue
 from .siglip import SigLipLoss
 
-__all__ = ["ClipLoss", "SigLipLoss", "build_loss", "init_logit_bias"]
+__all__ = ["ClipLoss", "FeatureQueue", "Negatives", "Objective", "SigLipLoss", "build_loss", "build_objective",
+           "init_logit_bias"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -26,3 +37,15 @@ def build_loss(cfg: LossConfig) -> nn.Module:
 def init_logit_bias(cfg: LossConfig) -> float | None:
     """Where the model's learned logit bias starts, for a loss that uses one (else None: no bias)."""
     return cfg.init_logit_bias if cfg.name == "siglip" else None
+
+
+def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any) -> Objective:
+    """The training objective for the prepared `model` (its queue copies it; call after
+    `accelerator.prepare`), on the accelerator's device."""
+    from accelerate.utils import extract_model_from_parallel
+
+    queue = None
+    if cfg.queue_size:
+        queue = FeatureQueue(cfg.queue_size, extract_model_from_parallel(model).embed_dim, cfg.momentum, model,
+                             accelerator.gradient_accumulation_steps)
+    return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue).to(accelerator.device)

@@ -8,15 +8,7 @@ from torch import nn
 
 from ..model import DualEncoderOutput
 from .distributed import gather_ids, gather_with_grad
-
-
-def duplicate_mask(image_ids: torch.Tensor, text_ids: torch.Tensor, all_image_ids: torch.Tensor,
-                   all_text_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, world * B) True where column j is not a true negative for row i: it shows the same
-    image, or carries the identical caption, as pair i (and is not pair i itself)."""
-    same = (image_ids[:, None] == all_image_ids[None, :]) | (text_ids[:, None] == all_text_ids[None, :])
-    same[torch.arange(len(targets), device=targets.device), targets] = False
-    return same
+from .negatives import Negatives, duplicate_mask
 
 
 class ClipLoss(nn.Module):
@@ -45,7 +37,7 @@ class ClipLoss(nn.Module):
     """
 
     def forward(self, out: DualEncoderOutput, image_ids: torch.Tensor | None = None,
-                text_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_ids: torch.Tensor | None = None, negatives: Negatives | None = None) -> torch.Tensor:
         # The softmax runs in float32 even under bf16 autocast.
         image_embeds, text_embeds = out.image_embeds.float(), out.text_embeds.float()
         all_images, rank = gather_with_grad(image_embeds)
@@ -60,4 +52,18 @@ class ClipLoss(nn.Module):
             if mask.any():
                 logits_per_image = logits_per_image.masked_fill(mask, float("-inf"))
                 logits_per_text = logits_per_text.masked_fill(mask, float("-inf"))
+        if negatives is not None:
+            logits_per_image = _extend(logits_per_image, scale, *negatives.image_side(image_embeds, image_ids, text_ids))
+            logits_per_text = _extend(logits_per_text, scale, *negatives.text_side(text_embeds, image_ids, text_ids))
         return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+
+
+def _extend(logits: torch.Tensor, scale: torch.Tensor, extra: torch.Tensor | None,
+            twins: torch.Tensor | None) -> torch.Tensor:
+    """The batch logits with extra candidate columns appended (twins at -inf)."""
+    if extra is None:
+        return logits
+    extra = scale * extra.float()
+    if twins is not None:
+        extra = extra.masked_fill(twins, float("-inf"))
+    return torch.cat([logits, extra], dim=1)

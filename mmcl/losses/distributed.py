@@ -25,9 +25,10 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def gather_ids(ids: torch.Tensor) -> torch.Tensor:
-    """All ranks' ids, (world * B,); no gradient needed."""
+    """All ranks' rows in rank order, (world * B, ...), without gradient (ids, queued features)."""
     if not is_distributed():
         return ids
+    ids = ids.contiguous()
     out = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
     dist.all_gather(out, ids)
     return torch.cat(out)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DualEncoderOutput
-from .clip import duplicate_mask
 from .distributed import gather_ids, gather_with_grad
+from .negatives import Negatives, duplicate_mask
 
 
 class SigLipLoss(nn.Module):
@@ -29,19 +29,22 @@ class SigLipLoss(nn.Module):
 
     Inputs: the model's output `out` with unit-norm image_embeds and text_embeds (B, D), the scalar
     logit_scale and logit_bias (the model must have a bias: `loss.name: siglip` gives it one);
-    optional image_ids / text_ids (B,) int64. Returns this rank's scalar loss.
+    optional image_ids / text_ids (B,) int64; optional `negatives` (a queue, hard-negative captions):
+    every extra (image, text) pairing they add is one more negative term, twins left out.
+    Returns this rank's scalar loss.
 
     Reference: Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training" (init logit_scale
     ln 10, logit_bias -10).
     """
 
     def forward(self, out: DualEncoderOutput, image_ids: torch.Tensor | None = None,
-                text_ids: torch.Tensor | None = None) -> torch.Tensor:
+                text_ids: torch.Tensor | None = None, negatives: Negatives | None = None) -> torch.Tensor:
         if out.logit_bias is None:
             raise ValueError("SigLipLoss needs a model with a logit bias (build it with init_logit_bias)")
         images, texts = out.image_embeds.float(), out.text_embeds.float()  # float32 under autocast too
         all_texts, rank = gather_with_grad(texts)
-        logits = out.logit_scale.float().exp() * images @ all_texts.T + out.logit_bias.float()  # (B, world * B)
+        scale, bias = out.logit_scale.float().exp(), out.logit_bias.float()
+        logits = scale * images @ all_texts.T + bias  # (B, world * B)
         batch = images.shape[0]
         targets = torch.arange(batch, device=images.device) + rank * batch
         signs = -torch.ones_like(logits)
@@ -51,4 +54,17 @@ class SigLipLoss(nn.Module):
             all_image_ids = gather_ids(image_ids)
             twins = duplicate_mask(image_ids, text_ids, all_image_ids, gather_ids(text_ids), targets)
             pair_losses = pair_losses.masked_fill(twins, 0.0)
-        return pair_losses.sum() / batch
+        total = pair_losses.sum()
+        if negatives is not None:
+            total = total + _negative_terms(scale, bias, *negatives.image_side(images, image_ids, text_ids))
+            total = total + _negative_terms(scale, bias, *negatives.text_side(texts, image_ids, text_ids))
+        return total / batch
+
+
+def _negative_terms(scale: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None,
+                    twins: torch.Tensor | None) -> torch.Tensor | float:
+    """The summed loss of extra pairings, all negatives (twins left out)."""
+    if extra is None:
+        return 0.0
+    losses = -F.logsigmoid(-(scale * extra.float() + bias))
+    return losses.masked_fill(twins, 0.0).sum() if twins is not None else losses.sum()

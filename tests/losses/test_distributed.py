@@ -31,11 +31,32 @@ def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer, loss_args=()):
     return losses, load_file(out / "final" / "model.safetensors")
 
 
-LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature=0.1")}
+LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature=0.1"),
+          # GradCache in chunks of 5 (1 process: 7 chunks; 2 processes: 4 each) with a momentum queue
+          "clip-cache-queue": ("--loss.cache_chunk=5", "--loss.queue_size=40", "--loss.momentum=0.9"),
+          # each row's 2 hard-negative captions, and a queue of the model's own embeddings
+          "siglip-negatives-queue": ("--loss.name=siglip", "--model.init_temperature=0.1", "--loss.queue_size=24",
+                                     "--loss.momentum=0", "--loss.hard_negative_column=hard_negatives")}
+
+
+@pytest.fixture(scope="module")
+def with_negatives(small_emoji, tmp_path_factory):
+    """The small emoji set with a `hard_negatives` column: two other rows' captions each."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(small_emoji)
+    captions = ds["caption"]
+    ds = ds.map(lambda row, i: {"hard_negatives": [captions[(i + 1) % len(ds)], captions[(i + 7) % len(ds)]]},
+                with_indices=True)
+    path = tmp_path_factory.mktemp("negatives") / "emoji96"
+    ds.save_to_disk(str(path))
+    return str(path)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cache, small_emoji, loss):
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cache, small_emoji, with_negatives, loss):
+    if "negatives" in loss:
+        small_emoji = with_negatives
     # one tokenizer for both runs: WordPiece training is not deterministic across processes
     from datasets import load_from_disk
 
@@ -52,4 +73,4 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cac
     for name in single:
         assert (single[name] - multi[name]).abs().max().item() < 1e-5, name
     assert "logit_scale" in single
-    assert ("logit_bias" in single) == (loss == "siglip")
+    assert ("logit_bias" in single) == loss.startswith("siglip")
