@@ -41,6 +41,7 @@ class DualEncoderConfig:
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # a learned logit bias (SigLIP's loss needs one), else none
     identity_projection: bool = False  # SigLIP's towers project themselves: no projection layers
+    image_ssl_dim: int | None = None  # SLIP: an image–image MLP head of this output width, else none
     extra: dict[str, Any] = field(default_factory=dict)  # free metadata (training config, ...)
 
 
@@ -50,6 +51,7 @@ class DualEncoderOutput:
     text_embeds: torch.Tensor | None  # (B, D), unit norm
     logit_scale: torch.Tensor  # scalar, ln(1 / temperature)
     logit_bias: torch.Tensor | None = None  # scalar, added to every logit (SigLIP); None without one
+    view_embeds: torch.Tensor | None = None  # (2B, D_ssl), unit norm: the image–image head's output (SLIP)
 
 
 @runtime_checkable
@@ -125,6 +127,12 @@ def pool(outputs: Any, attention_mask: torch.Tensor | None, how: str) -> torch.T
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
+def ssl_head(width: int, dim: int) -> nn.Module:
+    """SLIP's image–image projection: an MLP on the vision tower's pooled features (used only in
+    training; exports leave it out)."""
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, dim))
+
+
 class DualEncoder(nn.Module):
     """Two towers + projections + temperature; see the module docstring for the contract."""
 
@@ -152,6 +160,7 @@ class DualEncoder(nn.Module):
             self.visual_projection = nn.Linear(vision_width, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor(config.init_logit_bias))
+        self.image_ssl_head = None if config.image_ssl_dim is None else ssl_head(vision_width, config.image_ssl_dim)
 
     @property
     def embed_dim(self) -> int:
@@ -171,13 +180,28 @@ class DualEncoder(nn.Module):
         return F.normalize(self.visual_projection(pooled), dim=-1)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, **text_kwargs: Any) -> DualEncoderOutput:
-        text_embeds = image_embeds = None
+                pixel_values: torch.Tensor | None = None, view_pixel_values: torch.Tensor | None = None,
+                **text_kwargs: Any) -> DualEncoderOutput:
+        """`view_pixel_values` (training with SLIP's term): augmented views through the vision tower
+        and the image–image head, returned as `view_embeds`."""
+        text_embeds = image_embeds = views = None
         if input_ids is not None:
             text_embeds = self.get_text_features(input_ids, attention_mask, **text_kwargs)
         if pixel_values is not None:
             image_embeds = self.get_image_features(pixel_values)
-        return DualEncoderOutput(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
+        if view_pixel_values is not None:
+            if self.image_ssl_head is None:
+                raise ValueError("view_pixel_values needs an image–image head (DualEncoderConfig.image_ssl_dim)")
+            pooled = pool(self.vision_model(pixel_values=view_pixel_values), None, self.config.vision_pooling)
+            views = F.normalize(self.image_ssl_head(pooled), dim=-1)
+        return DualEncoderOutput(image_embeds, text_embeds, self.logit_scale, self.logit_bias, views)
+
+    def add_image_ssl_head(self, dim: int) -> None:
+        """Give a model an image–image head (to train it with SLIP's term)."""
+        if self.image_ssl_head is None:
+            self.config.image_ssl_dim = dim
+            width = _hidden_size(self.vision_model.config)
+            self.image_ssl_head = ssl_head(width, dim).to(self.logit_scale.device)
 
     def add_logit_bias(self, init: float) -> None:
         """Give a model trained without one a learned logit bias (to fine-tune it with SigLIP's loss)."""

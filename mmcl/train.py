@@ -28,7 +28,7 @@ from .data.sources import load_pairs, load_stream, require_columns
 from .data.streaming import StreamingPairs, stream_captions
 from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
 from .inference import EncoderBundle, load_processors
-from .losses import build_objective, init_logit_bias
+from .losses import build_objective, image_ssl_dim, init_logit_bias
 from .model import DualEncoder
 from .tracking import build_trackers, flatten, progress_bar
 
@@ -90,11 +90,18 @@ def build_augment(data: DataConfig) -> Augment | None:
     return Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
 
 
+def build_views(config: Config) -> Augment | None:
+    """SLIP's term: two views of each image with a stronger crop and jitter than `data.augment`."""
+    if not config.loss.image_ssl_weight:
+        return None
+    return Augment(scale=(0.3, 1.0), flip=config.data.augment_flip, jitter=0.4)
+
+
 def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any) -> torch.utils.data.DataLoader:
     data = config.data
     dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
                           seed=config.train.seed, augment=build_augment(data),
-                          negative_column=config.loss.hard_negative_column)
+                          negative_column=config.loss.hard_negative_column, views=build_views(config))
     return torch.utils.data.DataLoader(
         dataset, batch_size=config.train.per_device_batch_size, shuffle=True, drop_last=True,
         collate_fn=PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding),
@@ -120,7 +127,7 @@ def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor:
     return StreamingPairs(train_ds, data, image_processor, collator,
                           config.train.per_device_batch_size, config.train.seed, accelerator.process_index,
                           accelerator.num_processes, data.shuffle_buffer, build_augment(data),
-                          config.loss.hard_negative_column)
+                          config.loss.hard_negative_column, build_views(config))
 
 
 def eval_specs(config: Config) -> dict[str, EvalSpec]:
@@ -175,7 +182,7 @@ class Trainer:
             config, self.train_ds, self.output_dir, resume_dir is not None, acc)
         fit_text_config(config.model, self.tokenizer)
         set_seed(tcfg.seed)  # the same initial weights whatever happened before
-        model = build_model(config.model, init_logit_bias(config.loss))
+        model = build_model(config.model, init_logit_bias(config.loss), image_ssl_dim(config.loss))
         optimizer = build_optimizer(model, tcfg)
         self.scheduler = build_scheduler(optimizer, tcfg)
         self.stream = self.loader = None

@@ -16,12 +16,13 @@ from .images import describe, load_image, processor_min_size, read_image_bytes, 
 
 
 def make_pair(cell: Any, caption_cell: Any, image_processor: Any, seed_key: str, augment: Any = None,
-              min_size: int | None = None, fallback_id: bytes = b"") -> dict[str, Any]:
+              min_size: int | None = None, fallback_id: bytes = b"", views: Any = None) -> dict[str, Any]:
     """One training example from an image cell and a caption cell (raises if either is unusable).
 
     The randomness (augmentation, which caption of several) comes from `seed_key`, so it does not
     depend on workers or processes. `image_id` hashes the image bytes (`fallback_id` for an
     in-memory image): the same file in two rows is one image, and ClipLoss masks twins.
+    `views` (an augmentation): also two augmented views of the image, for SLIP's term.
     """
     captions = caption_list(caption_cell)
     if not captions:
@@ -29,12 +30,17 @@ def make_pair(cell: Any, caption_cell: Any, image_processor: Any, seed_key: str,
     rng = random.Random(zlib.crc32(seed_key.encode()))
     data = read_image_bytes(cell)
     image = load_image(cell if data is None else data, min_size)
+    decoded = image
     if augment is not None:
         image = augment(image, rng)
     caption = rng.choice(captions)
-    return {"pixel_values": image_processor(image, return_tensors="pt")["pixel_values"][0], "caption": caption,
+    item = {"pixel_values": image_processor(image, return_tensors="pt")["pixel_values"][0], "caption": caption,
             "image_id": stable_id(data if data is not None else fallback_id),
             "text_id": stable_id(caption.encode("utf-8"))}
+    if views is not None:
+        item["view_pixel_values"] = image_processor([views(decoded, rng), views(decoded, rng)],
+                                                    return_tensors="pt")["pixel_values"]
+    return item
 
 
 class Skipped(NamedTuple):
@@ -84,8 +90,9 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str,
                  image_processor: Any, seed: int = 0, max_tries: int = 64, augment: Any = None,
-                 negative_column: str | None = None) -> None:
+                 negative_column: str | None = None, views: Any = None) -> None:
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
+        self.views = views  # SLIP: the augmentation of each image's two extra views, or None
         self.negative_column = negative_column  # each row's hard-negative captions (a list), or None
         self.image_processor, self.seed, self.epoch, self.max_tries = image_processor, seed, 0, max_tries
         self.augment = augment  # (PIL image, random.Random) -> PIL image, or None
@@ -100,7 +107,8 @@ class PairDataset(torch.utils.data.Dataset):
     def _load(self, row: int) -> dict[str, Any]:
         example = self.ds[row]
         item = make_pair(example[self.image_column], example[self.caption_column], self.image_processor,
-                         f"{self.seed}/{self.epoch}/{row}", self.augment, self.min_size, f"row:{row}".encode())
+                         f"{self.seed}/{self.epoch}/{row}", self.augment, self.min_size, f"row:{row}".encode(),
+                         self.views)
         if self.negative_column:
             item["negatives"] = caption_list(example[self.negative_column])
         return {**item, "row": row}
@@ -146,6 +154,8 @@ class PairCollator:
                  "pixel_values": torch.stack([it["pixel_values"] for it in items])}
         batch["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
         batch["text_ids"] = torch.tensor([it["text_id"] for it in items], dtype=torch.long)
+        if "view_pixel_values" in items[0]:  # rows 2i and 2i + 1: the views of image i
+            batch["view_pixel_values"] = torch.cat([it["view_pixel_values"] for it in items])
         if negatives:
             batch["negative_text_ids"] = torch.tensor([[stable_id(c.encode("utf-8")) for c in row] for row in negatives],
                                                       dtype=torch.long)

@@ -56,7 +56,7 @@ class StreamingPairs:
 
     def __init__(self, ds: datasets.IterableDataset, cfg: DataConfig, image_processor: Any, collator: PairCollator,
                  batch_size: int, seed: int, rank: int, world_size: int, shuffle_buffer: int = 1000,
-                 augment: Any = None, negative_column: str | None = None) -> None:
+                 augment: Any = None, negative_column: str | None = None, views: Any = None) -> None:
         from datasets.distributed import split_dataset_by_node
 
         if shuffle_buffer > 0:
@@ -65,6 +65,7 @@ class StreamingPairs:
         self.cfg, self.image_processor, self.collator = cfg, image_processor, collator
         self.batch_size, self.seed, self.augment = batch_size, seed, augment
         self.negative_column = negative_column  # each row's hard-negative captions, or None
+        self.views = views  # SLIP: the augmentation of each image's two extra views, or None
         self.epoch, self.read = 0, 0
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers))
         self.min_size = processor_min_size(image_processor)
@@ -84,7 +85,7 @@ class StreamingPairs:
         try:
             cell, caption_cell = pair_of(example, self.cfg)
             pair = make_pair(cell, caption_cell, self.image_processor, f"{self.seed}/{epoch}/{key}", self.augment,
-                             self.min_size, key.encode())
+                             self.min_size, key.encode(), self.views)
             if self.negative_column:
                 pair["negatives"] = caption_list(example.get(self.negative_column))
         except Exception as err:  # a bad example is skipped and counted, never a crash

@@ -19,9 +19,10 @@ from .negatives import Negatives
 from .objective import Objective
 from .queue import FeatureQueue
 from .siglip import SigLipLoss
+from .ssl import ImageSSL, NTXentLoss
 
-__all__ = ["ClipLoss", "FeatureQueue", "Negatives", "Objective", "SigLipLoss", "build_loss", "build_objective",
-           "init_logit_bias"]
+__all__ = ["ClipLoss", "FeatureQueue", "ImageSSL", "NTXentLoss", "Negatives", "Objective", "SigLipLoss", "build_loss",
+           "build_objective", "image_ssl_dim", "init_logit_bias"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -39,6 +40,11 @@ def init_logit_bias(cfg: LossConfig) -> float | None:
     return cfg.init_logit_bias if cfg.name == "siglip" else None
 
 
+def image_ssl_dim(cfg: LossConfig) -> int | None:
+    """The width of the model's image–image head, for a loss with SLIP's term (else None: no head)."""
+    return cfg.image_ssl_dim if cfg.image_ssl_weight else None
+
+
 def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any) -> Objective:
     """The training objective for the prepared `model` (its queue copies it; call after
     `accelerator.prepare`), on the accelerator's device."""
@@ -48,4 +54,5 @@ def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any) -> Obje
     if cfg.queue_size:
         queue = FeatureQueue(cfg.queue_size, extract_model_from_parallel(model).embed_dim, cfg.momentum, model,
                              accelerator.gradient_accumulation_steps)
-    return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue).to(accelerator.device)
+    ssl = ImageSSL(cfg.image_ssl_weight, cfg.image_ssl_temperature) if cfg.image_ssl_weight else None
+    return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue, ssl).to(accelerator.device)

@@ -18,6 +18,7 @@ from torch import nn
 from ..model import DualEncoderOutput
 from .negatives import Negatives
 from .queue import FeatureQueue
+from .ssl import ImageSSL
 
 ID_KEYS = ("image_ids", "text_ids")
 
@@ -60,12 +61,15 @@ class Objective(nn.Module):
     `accelerator.backward`, which syncs (or not, inside an accumulation) as usual. Memory: one
     chunk's activations plus the (B, global B) logits.
 
+    image_ssl: SLIP's term on the two augmented views in the batch's `view_pixel_values`, which the
+    model's image–image head embeds in the same forward.
+
     Hard negatives: when the batch's texts are longer than its images, the extra rows are each
     image's `k` hard-negative captions (the collator puts them after the B captions).
     """
 
     def __init__(self, loss: nn.Module, accelerator: Any = None, cache_chunk: int = 0,
-                 queue: FeatureQueue | None = None, image_ssl: nn.Module | None = None) -> None:
+                 queue: FeatureQueue | None = None, image_ssl: ImageSSL | None = None) -> None:
         super().__init__()
         self.loss, self.accelerator, self.cache_chunk = loss, accelerator, cache_chunk
         self.queue, self.image_ssl = queue, image_ssl
@@ -85,12 +89,12 @@ class Objective(nn.Module):
             loss, out = self.cached(model, chunks, ids, row_ids)
         else:
             chunks = [batch]
-            out = model(**batch)
+            out = model(**batch, **({} if views is None else {"view_pixel_values": views}))
             loss = self.pair_loss(out, ids, row_ids)
         if self.queue is not None:
             self.enqueue(out, chunks, ids)
         if self.image_ssl is not None:
-            loss = loss + self.image_ssl(model, views)
+            loss = loss + self.image_ssl(out.view_embeds, ids.get("image_ids"))
         return loss
 
     def pair_loss(self, out: DualEncoderOutput, ids: dict[str, torch.Tensor],

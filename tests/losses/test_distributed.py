@@ -34,9 +34,10 @@ def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer, loss_args=()):
 LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature=0.1"),
           # GradCache in chunks of 5 (1 process: 7 chunks; 2 processes: 4 each) with a momentum queue
           "clip-cache-queue": ("--loss.cache_chunk=5", "--loss.queue_size=40", "--loss.momentum=0.9"),
-          # each row's 2 hard-negative captions, and a queue of the model's own embeddings
-          "siglip-negatives-queue": ("--loss.name=siglip", "--model.init_temperature=0.1", "--loss.queue_size=24",
-                                     "--loss.momentum=0", "--loss.hard_negative_column=hard_negatives")}
+          # each row's 2 hard-negative captions, a queue of the model's own embeddings, SLIP's term
+          "siglip-negatives-queue-slip": ("--loss.name=siglip", "--model.init_temperature=0.1", "--loss.queue_size=24",
+                                          "--loss.momentum=0", "--loss.hard_negative_column=hard_negatives",
+                                          "--loss.image_ssl_weight=0.5")}
 
 
 @pytest.fixture(scope="module")
