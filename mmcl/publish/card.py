@@ -35,7 +35,14 @@ KEY_SETTINGS = ("model.text_model", "model.vision_model", "model.init_from", "mo
                 "model.lock_vision", "model.lock_text", "data.train", "data.validation", "train.max_steps",
                 "train.per_device_batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
                 "train.lr_scheduler", "train.warmup_steps", "train.weight_decay", "train.mixed_precision",
-                "train.seed", "loss.name")
+                "train.seed", "loss.name", "loss.init_logit_bias", "loss.cache_chunk", "loss.hard_negative_column",
+                "loss.queue_size", "loss.momentum", "loss.image_ssl_weight", "loss.image_ssl_temperature",
+                "data.batch_sampler", "data.num_clusters", "data.clusters_per_batch")
+# a loss or sampler option is shown only where it is switched on (and its settings only with it)
+SHOWN_IF = {"loss.init_logit_bias": ("loss.name", "siglip"), "loss.momentum": ("loss.queue_size", None),
+            "loss.image_ssl_temperature": ("loss.image_ssl_weight", None),
+            "data.num_clusters": ("data.batch_sampler", "cluster"),
+            "data.clusters_per_batch": ("data.batch_sampler", "cluster")}
 
 
 def _shown(ref: Any) -> str:
@@ -141,11 +148,18 @@ def _settings_table(config: dict[str, Any]) -> str:
     rows = ["| Setting | Value |", "|---|---|"]
     for key in KEY_SETTINGS:
         value = _get(config, key)
-        if value is None or value == "":
+        if value is None or value == "" or not _switched_on(config, key, value):
             continue
         shown = _shown(value) if key.endswith(("_model", "init_from", "train", "validation")) else value
         rows.append(f"| `{key}` | {_cell(shown)} |")
     return "\n".join(rows)
+
+
+def _switched_on(config: dict[str, Any], key: str, value: Any) -> bool:
+    if key in SHOWN_IF:
+        other, wanted = SHOWN_IF[key]
+        return _get(config, other) == wanted if wanted is not None else bool(_get(config, other))
+    return not (key.startswith("loss.") and key != "loss.name" and not value) and value != "random"
 
 
 def _results_table(results: list[EvalResult]) -> str:
