@@ -23,6 +23,7 @@ from .artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, PR
 from .build import build_image_processor, build_model, build_tokenizer, fit_text_config
 from .config import Config, ConfigError, DataConfig, EvalSpec, TrainConfig
 from .data.augment import Augment
+from .data.clusters import ClusterBatchSampler, cluster_labels
 from .data.pairs import PairCollator, PairDataset, SkipCounter, iter_captions
 from .data.sources import load_pairs, load_stream, require_columns
 from .data.streaming import StreamingPairs, stream_captions
@@ -97,15 +98,22 @@ def build_views(config: Config) -> Augment | None:
     return Augment(scale=(0.3, 1.0), flip=config.data.augment_flip, jitter=0.4)
 
 
-def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any) -> torch.utils.data.DataLoader:
-    data = config.data
+def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
+                       accelerator: Accelerator) -> torch.utils.data.DataLoader:
+    data, tcfg = config.data, config.train
     dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
-                          seed=config.train.seed, augment=build_augment(data),
+                          seed=tcfg.seed, augment=build_augment(data),
                           negative_column=config.loss.hard_negative_column, views=build_views(config))
+    collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
+    if data.batch_sampler == "cluster":  # each batch from a few clusters: hard in-batch negatives
+        labels = cluster_labels(train_ds, data.image_column, data.cluster_model, data.num_clusters, tcfg.seed,
+                                accelerator=accelerator, num_workers=data.num_workers)
+        sampler = ClusterBatchSampler(labels, tcfg.per_device_batch_size, data.clusters_per_batch, tcfg.seed)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                           num_workers=data.num_workers)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.train.per_device_batch_size, shuffle=True, drop_last=True,
-        collate_fn=PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding),
-        num_workers=config.data.num_workers, persistent_workers=False)
+        dataset, batch_size=tcfg.per_device_batch_size, shuffle=True, drop_last=True, collate_fn=collator,
+        num_workers=data.num_workers, persistent_workers=False)
 
 
 def load_train_dataset(config: Config, accelerator: Accelerator) -> Any:
@@ -190,7 +198,7 @@ class Trainer:
             self.stream = build_stream(config, self.train_ds, self.tokenizer, self.image_processor, acc)
             self.model, self.optimizer = acc.prepare(model, optimizer)
         else:
-            loader = build_train_loader(config, self.train_ds, self.tokenizer, self.image_processor)
+            loader = build_train_loader(config, self.train_ds, self.tokenizer, self.image_processor, acc)
             self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
             self.steps_per_epoch = math.ceil(len(self.loader) / tcfg.gradient_accumulation_steps)
             if self.steps_per_epoch == 0:

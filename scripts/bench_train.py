@@ -42,7 +42,7 @@ def synthetic(batch: int, device: str) -> dict[str, torch.Tensor]:
 def mmcl_step_fn(precision: str):
     from accelerate import Accelerator
 
-    from mmcl.losses import ClipLoss
+    from mmcl.losses import ClipLoss, Objective
     from mmcl.model import DualEncoder, DualEncoderConfig
     from mmcl.train import training_step
 
@@ -54,7 +54,7 @@ def mmcl_step_fn(precision: str):
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = ClipLoss()
+    loss_fn = Objective(ClipLoss(), accelerator)
 
     def step(batch):
         loss, _, _ = training_step(accelerator, model, loss_fn, optimizer, dict(batch), 1.0)

@@ -26,7 +26,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
 
     import mmcl.train as mt
     from mmcl.config import TrainConfig
-    from mmcl.losses import ClipLoss
+    from mmcl.losses import ClipLoss, Objective
     from mmcl.model import DualEncoder, DualEncoderConfig
 
     cfg = DualEncoderConfig(text_config=text_config, vision_config=vision_config, text_pooling=text_pooling,
@@ -38,6 +38,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
     opt = mt.build_optimizer(model, tcfg)
     pmodel, opt = acc.prepare(model, opt)
     loss_fn = ClipLoss()
+    objective = Objective(loss_fn, acc)  # what mmcl's loop calls: objective(model, batch)
     mask = {}
 
     def batch(pixels, tokens):
@@ -51,7 +52,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
             return loss_fn(out)
 
     def step(pixels, tokens):
-        loss, _, _ = mt.training_step(acc, pmodel, loss_fn, opt, batch(pixels, tokens), None)
+        loss, _, _ = mt.training_step(acc, pmodel, objective, opt, batch(pixels, tokens), None)
         model.clamp_logit_scale()
         return float(loss)
 

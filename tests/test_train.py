@@ -40,11 +40,17 @@ def test_debug_run_writes_model_metrics_and_logs(tmp_path, emoji_cache):
     assert [p.name for p in checkpoints(tmp_path)] == ["step-00000003", "step-00000006"]
 
 
-@pytest.mark.parametrize("loss", [(), ("--loss.queue_size=40", "--loss.momentum=0.9")], ids=["clip", "queue"])
+@pytest.mark.parametrize("loss", [(), ("--loss.queue_size=40", "--loss.momentum=0.9"), ("cluster",)],
+                         ids=["clip", "queue", "cluster-sampler"])
 def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji, loss):
     """6 steps, a fresh process resuming from the step-3 checkpoint, 3 more: the same weights as
     6 uninterrupted steps. 96 rows / batch 16 = 6 steps an epoch with 2-step accumulation: 3
     optimizer steps an epoch, so the resume starts a new epoch's shuffled order mid-run."""
+    if loss == ("cluster",):  # batches from k-means clusters of a (tiny, random) model's image embeddings
+        from tests.conftest import save_tiny_model
+
+        model = save_tiny_model(tmp_path / "cluster_model", "a b c")
+        loss = ("--data.batch_sampler=cluster", f"--data.cluster_model={model}", "--data.num_clusters=6")
     common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=6",
               "--train.checkpoint_every=3", "--train.gradient_accumulation_steps=2",
               "--train.per_device_batch_size=16", "--train.keep_last=0", *loss]

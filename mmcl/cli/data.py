@@ -1,4 +1,4 @@
-"""`mmcl data check` and `mmcl data convert`."""
+"""`mmcl data check`, `mmcl data convert` and `mmcl data mine-negatives`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def convert(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def mine_negatives(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..data.mining import mine_negatives as mine
+
+    result = mine(_source(args), args.model, args.out, args.k, args.column, args.batch_size, args.block_size,
+                  args.num_workers, args.cache_dir)
+    print(result.summary())
+    return 0
+
+
 def _source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="a csv/tsv/jsonl/parquet file, an imagefolder, a save_to_disk folder, "
                                      "a Hub dataset or builtin:emoji")
@@ -50,8 +59,8 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    """`mmcl data check` and `mmcl data convert` (heavy imports happen in the commands)."""
-    data = sub.add_parser("data", help="check or convert an image–caption dataset")
+    """`mmcl data check`, `convert` and `mine-negatives` (heavy imports happen in the commands)."""
+    data = sub.add_parser("data", help="check, convert or mine hard negatives for an image–caption dataset")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     parser = commands.add_parser(
         "check", help="report bad images and captions, truncation, duplicates, sizes and modes",
@@ -73,3 +82,18 @@ def register(sub: Any) -> None:
     parser.add_argument("--image-id-column", default=None,
                         help="column that names the image (several rows, one image); default: a hash of the bytes")
     parser.set_defaults(func=convert, parser=parser)
+    parser = commands.add_parser(
+        "mine-negatives", help="add a column of hard-negative captions: those of the k most similar other images",
+        description="A model embeds every image; each row gets the first captions of its k nearest other images "
+                    "(cosine), never the same image nor one of its own captions. Rows whose image cannot be "
+                    "decoded are skipped and counted. Writes an HF dataset folder with the images embedded.")
+    _source_arguments(parser)
+    parser.add_argument("--model", required=True, help="the model that embeds the images: an mmcl folder, or a "
+                                                       "CLIP / SigLIP / VisionTextDualEncoder folder or Hub id")
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--k", type=int, default=4, help="negatives per row (fewer when too few images differ)")
+    parser.add_argument("--column", default="hard_negatives", help="name of the new list-of-captions column")
+    parser.add_argument("--batch-size", type=int, default=256, help="images embedded per batch")
+    parser.add_argument("--block-size", type=int, default=4096,
+                        help="query rows compared with all rows at once (memory: block size x rows)")
+    parser.set_defaults(func=mine_negatives, parser=parser)

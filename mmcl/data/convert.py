@@ -111,26 +111,32 @@ def convert_to_hf(source: SourceSpec, out_dir: str | Path, num_workers: int = 0,
     """Write the usable rows of `source` as a `save_to_disk` folder whose image column is an `Image()`
     feature holding the encoded bytes (no paths left to break); every other column is kept as is.
     Load it with `datasets.load_from_disk(out_dir)` or train on it with `--data.train=OUT_DIR`."""
-    import datasets
-
     ds = _open_source(source, out_dir, [], cache_dir)
     result = ConvertResult(source.dataset, str(out_dir), "hf")
     good = [info.row for info, _ in _usable_rows(ds, source, result, [source.caption_column], num_workers, False)]
     if not good:
         raise ConfigError(f"{source.dataset}: no row has both a readable image and a caption; nothing to convert")
+    result.written = save_embedded(ds.select(good), source.image_column, out_dir)
+    return result
+
+
+def save_embedded(ds: Any, image_column: str, out_dir: str | Path) -> int:
+    """`ds.save_to_disk(out_dir)` with its image column made an `Image()` feature holding each image's
+    encoded bytes (read from its path if need be): the folder needs no other file. -> rows written."""
+    import datasets
+
     features = ds.features.copy()
-    features[source.image_column] = datasets.Image()
+    features[image_column] = datasets.Image()
     Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
     # map's output goes to a temporary file, not beside the source (a save_to_disk source would
     # get a cache file written into it)
     with tempfile.TemporaryDirectory(dir=Path(out_dir).parent) as tmp:
-        out = ds.select(good).map(_embed, batched=True, batch_size=64, features=features,
-                                  fn_kwargs={"column": source.image_column},
-                                  cache_file_name=str(Path(tmp) / "embed.arrow"))
+        out = ds.map(_embed, batched=True, batch_size=64, features=features, fn_kwargs={"column": image_column},
+                     cache_file_name=str(Path(tmp) / "embed.arrow"))
         out.save_to_disk(str(out_dir))
-        result.written = len(out)
+        written = len(out)
         del out
-    return result
+    return written
 
 
 class ShardWriter:
