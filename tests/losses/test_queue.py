@@ -10,7 +10,6 @@ from accelerate import Accelerator
 
 from mmcl.losses import ClipLoss, FeatureQueue, Negatives
 from mmcl.losses.objective import Objective
-from mmcl.model import DualEncoderOutput
 from tests.losses.cache_worker import global_batch, tiny_model
 
 
