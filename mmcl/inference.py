@@ -99,6 +99,10 @@ def load_hf_dual_encoder(name: str, allowed: tuple[str, ...] = SUPPORTED, trust_
 
     check_model_reference(name)
     config = load_pretrained(AutoConfig, name, "config", trust_remote_code)
+    if config.model_type == "siglip2" and "siglip" in allowed:
+        raise ConfigError(f"{name} is a SigLIP 2 NaFlex model (Siglip2Model: variable resolution with a patch "
+                          "mask), which mmcl cannot train yet; the fixed-resolution SigLIP 2 checkpoints "
+                          "(e.g. google/siglip2-base-patch16-224) are SiglipModel folders and work")
     if config.model_type not in allowed:
         raise ConfigError(f"{name} is a '{config.model_type}' model; expected an mmcl folder or one of: "
                           f"{', '.join(allowed)}")

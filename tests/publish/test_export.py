@@ -251,3 +251,17 @@ def test_siglip_init_keeps_its_heads_and_bias_and_exports_as_a_native_siglip_mod
         assert (torch.tensor(got[key]) - ref).abs().max().item() < 1e-5, key
     assert got["class"] == "SiglipModel" and got["logit_scale"] == pytest.approx(model.logit_scale.item())
 
+
+
+def test_a_siglip2_naflex_folder_is_refused_with_the_fixed_resolution_route(tmp_path):
+    """SigLIP 2's fixed-resolution checkpoints are SiglipModel folders (the test above); its NaFlex
+    variant (Siglip2Model) needs a patch mask mmcl does not feed yet: a clear error, not a traceback."""
+    from transformers import Siglip2Config, Siglip2Model
+
+    from mmcl.config import ConfigError
+
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    Siglip2Model(Siglip2Config(text_config=dict(tiny, vocab_size=50), vision_config=dict(tiny, num_patches=16))
+                 ).save_pretrained(tmp_path / "naflex")
+    with pytest.raises(ConfigError, match="NaFlex.*google/siglip2-base-patch16-224"):
+        build_model(ModelConfig(init_from=str(tmp_path / "naflex")))
