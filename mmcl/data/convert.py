@@ -71,7 +71,7 @@ class ConvertResult:
         return "\n".join(lines)
 
 
-def _open_source(source: SourceSpec, out_dir: str | Path, extra: list[str], cache_dir: str | None) -> Any:
+def open_source(source: SourceSpec, out_dir: str | Path, extra: list[str], cache_dir: str | None) -> Any:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: the output folder exists and is not empty")
@@ -82,7 +82,7 @@ def _open_source(source: SourceSpec, out_dir: str | Path, extra: list[str], cach
     return ds
 
 
-def _usable_rows(ds: Any, source: SourceSpec, result: ConvertResult, columns: list[str], num_workers: int,
+def usable_rows(ds: Any, source: SourceSpec, result: ConvertResult, columns: list[str], num_workers: int,
                  keep_bytes: bool) -> Iterator[tuple[ImageInfo, dict[str, Any]]]:
     """(image info, the row's `columns`) of each row training would use; the others go to `result`."""
     result.rows = len(ds)
@@ -111,9 +111,9 @@ def convert_to_hf(source: SourceSpec, out_dir: str | Path, num_workers: int = 0,
     """Write the usable rows of `source` as a `save_to_disk` folder whose image column is an `Image()`
     feature holding the encoded bytes (no paths left to break); every other column is kept as is.
     Load it with `datasets.load_from_disk(out_dir)` or train on it with `--data.train=OUT_DIR`."""
-    ds = _open_source(source, out_dir, [], cache_dir)
+    ds = open_source(source, out_dir, [], cache_dir)
     result = ConvertResult(source.dataset, str(out_dir), "hf")
-    good = [info.row for info, _ in _usable_rows(ds, source, result, [source.caption_column], num_workers, False)]
+    good = [info.row for info, _ in usable_rows(ds, source, result, [source.caption_column], num_workers, False)]
     if not good:
         raise ConfigError(f"{source.dataset}: no row has both a readable image and a caption; nothing to convert")
     result.written = save_embedded(ds.select(good), source.image_column, out_dir)
@@ -205,10 +205,10 @@ def convert_to_webdataset(source: SourceSpec, out_dir: str | Path, shard_size: i
         training uses to keep the same image out of its own negatives.
     """
     extra = [image_id_column] if image_id_column else []
-    ds = _open_source(source, out_dir, extra, cache_dir)
+    ds = open_source(source, out_dir, extra, cache_dir)
     result, extensions = ConvertResult(source.dataset, str(out_dir), "webdataset"), Counter()
     with ShardWriter(out_dir, shard_size) as writer:
-        for info, cells in _usable_rows(ds, source, result, [source.caption_column] + extra, num_workers, True):
+        for info, cells in usable_rows(ds, source, result, [source.caption_column] + extra, num_workers, True):
             if info.data is None:
                 raise ConfigError(f"{source.dataset}: row {info.row} holds a decoded image, not encoded bytes")
             ext = _extension(info.format)

@@ -27,7 +27,7 @@ import torch
 
 from ..artifacts import atomic_dir, check_model_reference
 from ..config import ConfigError, SourceSpec
-from .convert import ConvertResult, _open_source, _usable_rows, save_embedded
+from .convert import ConvertResult, open_source, usable_rows, save_embedded
 from .images import stable_id
 from .pairs import caption_list
 
@@ -151,12 +151,12 @@ def mine_negatives(source: SourceSpec, model: str, out_dir: str | Path, k: int =
     check_model_reference(model)
     if k < 1:
         raise ConfigError(f"k must be at least 1, not {k}")
-    ds = _open_source(source, out_dir, [], cache_dir)
+    ds = open_source(source, out_dir, [], cache_dir)
     if column in ds.column_names:
         raise ConfigError(f"{source.dataset} already has a column '{column}'; name the new one with --column")
     result = MiningResult(source.dataset, str(out_dir), "hf", model=model, k=k, column=column)
     infos, captions = [], []
-    for info, cells in _usable_rows(ds, source, result, [source.caption_column], num_workers, False):
+    for info, cells in usable_rows(ds, source, result, [source.caption_column], num_workers, False):
         infos.append(info)
         captions.append(caption_list(cells[source.caption_column]))
     if not infos:
