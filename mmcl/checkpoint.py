@@ -111,11 +111,12 @@ def set_aside_newer(folder: Path, step: int, accelerator: Accelerator) -> None:
 
 
 def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config, final: Path,
-               info: dict[str, Any] | None = None) -> None:
+               info: dict[str, Any] | None = None, state_dict: dict[str, Any] | None = None) -> None:
     """The trained model with its tokenizer, image processor and resolved config, atomically;
-    `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`."""
+    `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`; `state_dict`: the
+    full weights gathered from a sharded `model` (`accelerator.get_state_dict`)."""
     with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         save_training_config(tmp, config.to_dict())  # nothing secret-looking

@@ -146,6 +146,8 @@ class TrainConfig:
     keep_last: int = option(2, "checkpoints kept")
     resume: str | None = option(None, "'latest' or a checkpoint folder")
     find_unused_parameters: bool = option(False, "DDP: a tower has parameters its pooling never uses (slower)")
+    collective_timeout_s: int = option(1800, "multi-process: a process waits this long for the others in a "
+                                             "collective before the job fails (a hung, not dead, process)")
     report_to: Literal["auto", "tensorboard", "jsonl", "none"] = option("auto", "the tracker")
     progress_bar: bool = option(True, "show a progress bar")
 

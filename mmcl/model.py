@@ -21,7 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
@@ -49,8 +50,8 @@ class DualEncoderConfig:
 class DualEncoderOutput:
     image_embeds: torch.Tensor | None  # (B, D), unit norm
     text_embeds: torch.Tensor | None  # (B, D), unit norm
-    logit_scale: torch.Tensor  # scalar, ln(1 / temperature)
-    logit_bias: torch.Tensor | None = None  # scalar, added to every logit (SigLIP); None without one
+    logit_scale: torch.Tensor  # (1,) (0-d from a transformers CLIPModel), ln(1 / temperature)
+    logit_bias: torch.Tensor | None = None  # (1,), added to every logit (SigLIP); None without one
     view_embeds: torch.Tensor | None = None  # (2B, D_ssl), unit norm: the image–image head's output (SLIP)
 
 
@@ -133,6 +134,27 @@ def ssl_head(width: int, dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, dim))
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied when it is a view into a larger buffer (a gathered FSDP state dict): safetensors
+    refuses to save part of a storage."""
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole and tensor.is_contiguous() else tensor.detach().clone()
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """`save_model`'s file into `model`; a 0-d logit_scale / logit_bias (saved before they became
+    1-D) is reshaped."""
+    with safe_open(str(file), "pt") as f:
+        legacy = [k for k in ("logit_scale", "logit_bias") if k in f.keys() and f.get_slice(k).get_shape() == []]
+    if not legacy:
+        load_model(model, str(file))
+        return
+    state = load_file(str(file))
+    for key in legacy:
+        state[key] = state[key].reshape(1)
+    model.load_state_dict(state)
+
+
 class DualEncoder(nn.Module):
     """Two towers + projections + temperature; see the module docstring for the contract."""
 
@@ -158,13 +180,22 @@ class DualEncoder(nn.Module):
         else:  # no bias, as in CLIP: keeps export to CLIPModel / VisionTextDualEncoderModel exact
             self.text_projection = nn.Linear(text_width, config.projection_dim, bias=False)
             self.visual_projection = nn.Linear(vision_width, config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
-        self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor(config.init_logit_bias))
+        # one-element 1-D tensors, not 0-d: FSDP2 cannot shard a 0-d parameter (as SiglipModel's)
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / config.init_temperature)]))
+        self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor([config.init_logit_bias]))
         self.image_ssl_head = None if config.image_ssl_dim is None else ssl_head(vision_width, config.image_ssl_dim)
 
     @property
     def embed_dim(self) -> int:
         return self.config.projection_dim
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The towers' block classes that are in this model: FSDP's transformer-block wrapping
+        (Accelerate's TRANSFORMER_BASED_WRAP) shards each of them as its own unit."""
+        named = {n for tower in (self.text_model, self.vision_model) for n in getattr(tower, "_no_split_modules", None) or []}
+        present = {type(m).__name__ for m in self.modules()}
+        return sorted(named & present)
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                           **kwargs: Any) -> torch.Tensor:
@@ -207,7 +238,7 @@ class DualEncoder(nn.Module):
         """Give a model trained without one a learned logit bias (to fine-tune it with SigLIP's loss)."""
         if self.logit_bias is None:
             self.config.init_logit_bias = init
-            self.logit_bias = nn.Parameter(torch.tensor(init, device=self.logit_scale.device))
+            self.logit_bias = nn.Parameter(torch.tensor([init], device=self.logit_scale.device))
 
     def train(self, mode: bool = True) -> "DualEncoder":
         super().train(mode)
@@ -221,11 +252,17 @@ class DualEncoder(nn.Module):
         """Keep the temperature >= 1/max_logit_scale (CLIP clamps at 100); call after each step."""
         self.logit_scale.clamp_(0.0, math.log(self.config.max_logit_scale))
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Weights as one safetensors file plus `mmcl_config.json`; nothing is pickled."""
+    def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Weights as one safetensors file plus `mmcl_config.json`; nothing is pickled. `state_dict`:
+        the full weights of a model whose own parameters are shards (FSDP, DeepSpeed ZeRO-3)."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        save_model(self, str(path / WEIGHTS_NAME))
+        model = self
+        if state_dict is not None:  # the same architecture, its weights from `state_dict` (no copy)
+            with torch.device("meta"):
+                model = type(self)(self.config)
+            model.load_state_dict({k: _own_storage(v) for k, v in state_dict.items()}, assign=True)
+        save_model(model, str(path / WEIGHTS_NAME))
         with open(path / MODEL_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(asdict(self.config), f, indent=2, default=str)
 
@@ -236,7 +273,7 @@ class DualEncoder(nn.Module):
             raise FileNotFoundError(f"{path} has no {MODEL_CONFIG_NAME}: not an mmcl model folder")
         with open(path / MODEL_CONFIG_NAME, encoding="utf-8") as f:
             model = cls(DualEncoderConfig(**json.load(f)))
-        load_model(model, str(path / WEIGHTS_NAME))
+        load_weights(model, path / WEIGHTS_NAME)
         return model.eval()
 
     @classmethod
@@ -260,7 +297,7 @@ class DualEncoder(nn.Module):
         if not siglip:
             dual.text_projection.load_state_dict(source.text_projection.state_dict())
             dual.visual_projection.load_state_dict(source.visual_projection.state_dict())
-        dual.logit_scale.data.copy_(source.logit_scale.data.reshape(()))  # SigLIP's is (1,)
+        dual.logit_scale.data.copy_(source.logit_scale.data.reshape(1))  # CLIP's is 0-d
         return dual
 
     def hf_class(self) -> tuple[str | None, str | None]:
@@ -301,7 +338,7 @@ class DualEncoder(nn.Module):
             native = VisionTextDualEncoderModel(config, vision_model=vision, text_model=text)
         native.text_projection.load_state_dict(self.text_projection.state_dict())
         native.visual_projection.load_state_dict(self.visual_projection.state_dict())
-        native.logit_scale.data.copy_(self.logit_scale.data)
+        native.logit_scale.data.copy_(self.logit_scale.data.reshape(()))  # CLIP's is 0-d
         return native.eval()
 
     def _to_siglip(self) -> PreTrainedModel:

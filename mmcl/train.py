@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator
 from accelerate.utils import send_to_device, set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -29,25 +29,10 @@ from .data.sources import load_pairs, load_stream, require_columns
 from .data.streaming import StreamingPairs, stream_captions
 from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
 from .inference import EncoderBundle, load_processors
+from .launch import build_accelerator, check_lost_process, full_value, is_sharded, whole
 from .losses import build_objective, image_ssl_dim, init_logit_bias
 from .model import DualEncoder
 from .tracking import build_trackers, flatten, progress_bar
-
-
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    return Accelerator(
-        # with no GPU (or other accelerator), torchrun / accelerate launch run gloo on the CPU
-        cpu=not torch.accelerator.is_available(),
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=build_trackers(cfg.report_to, Path(cfg.output_dir)),
-        project_dir=cfg.output_dir,
-        # the same shuffled order on every rank and in every run with the same seed: exact resume
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        # the schedule counts optimizer steps of the global batch, whatever the number of processes
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
-    )
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -180,7 +165,8 @@ class Trainer:
     def __init__(self, config: Config) -> None:
         self.config, tcfg = config, config.train
         self.output_dir = Path(tcfg.output_dir)
-        self.accelerator = acc = build_accelerator(tcfg)
+        self.accelerator = acc = build_accelerator(tcfg, build_trackers(tcfg.report_to, self.output_dir))
+        check_sharding(config, acc)
         set_seed(tcfg.seed)
         self.train_ds = load_train_dataset(config, acc)
         self.evals = load_eval_datasets(config, acc)
@@ -289,10 +275,16 @@ class Trainer:
         if self.best is not None and (value <= self.best if mode == "max" else value >= self.best):
             return
         self.best = value
-        if self.accelerator.is_main_process:
-            ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, self.output_dir / BEST_DIR,
-                            info={"step": self.step, "metric": key, "value": value})
-        self.accelerator.wait_for_everyone()
+        self.save_model(self.output_dir / BEST_DIR, info={"step": self.step, "metric": key, "value": value})
+
+    def save_model(self, folder: Path, info: dict[str, Any] | None = None) -> None:
+        """The model folder (final, best), written by the main process. Every process calls this:
+        under FSDP / ZeRO-3 `get_state_dict` gathers the shards into a full state dict on the main one."""
+        acc = self.accelerator
+        state = acc.get_state_dict(self.model) if is_sharded(acc) else None
+        if acc.is_main_process:
+            ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, folder, info, state)
+        acc.wait_for_everyone()
 
     def run(self) -> dict[str, float]:
         tcfg, acc = self.config.train, self.accelerator
@@ -306,7 +298,8 @@ class Trainer:
             window_loss += loss.float() / tcfg.gradient_accumulation_steps  # no .item(): no device sync
             if not synced:
                 continue
-            self.unwrapped.clamp_logit_scale()
+            with whole([self.unwrapped.logit_scale], modify=True):
+                self.unwrapped.clamp_logit_scale()
             self.scheduler.step()
             self.step += 1
             window_steps += 1
@@ -333,7 +326,7 @@ class Trainer:
         loss = acc.reduce(loss.detach().clone(), reduction="mean").item()
         samples = steps * tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * acc.num_processes
         return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
-                "train/temperature": math.exp(-self.unwrapped.logit_scale.item()),
+                "train/temperature": math.exp(-full_value(self.unwrapped.logit_scale)),
                 "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "train/samples_per_s": samples / max(elapsed, 1e-9)}
 
@@ -347,10 +340,9 @@ class Trainer:
                         "train/skipped_images": float(len(skipped.rows))})
         if skipped.rows:
             acc.print(skipped.summary())
-        acc.wait_for_everyone()
+        final = self.output_dir / FINAL_DIR
+        self.save_model(final)
         if acc.is_main_process:
-            final = self.output_dir / FINAL_DIR
-            ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, final)
             write_json(self.output_dir / METRICS_NAME, metrics)
             acc.print(f"saved the model to {final} and metrics to {self.output_dir / METRICS_NAME}")
         acc.end_training()
@@ -365,7 +357,28 @@ def check_geometry(saved: dict[str, Any] | None, now: dict[str, Any], folder: Pa
                           "examples than the interrupted run: keep them equal, or start a new run")
 
 
+def check_sharding(config: Config, acc: Accelerator) -> None:
+    """The options that are not sharding-safe yet, refused before anything is prepared."""
+    if not is_sharded(acc):
+        return
+    loss = config.loss
+    if loss.cache_chunk:
+        raise ConfigError("loss.cache_chunk (GradCache) is not supported with sharded parameters (FSDP / DeepSpeed) "
+                          "yet: use a DDP launch config, or set loss.cache_chunk=0")
+    if loss.queue_size and loss.momentum:
+        raise ConfigError("loss.momentum > 0 keeps a full EMA copy of the model, which is not sharded: with FSDP / "
+                          "DeepSpeed set loss.momentum=0 (a queue of the model's own embeddings) or use DDP")
+
+
 def train(config: Config) -> dict[str, float]:
     """Train the model `config` describes; returns the final metrics (also in metrics.json).
-    `mmcl.publish.publish_run` then exports (and pushes) the final model, as `mmcl train` does."""
-    return Trainer(config).run()
+    `mmcl.publish.publish_run` then exports (and pushes) the final model, as `mmcl train` does.
+
+    When another process of the job is lost (killed, out of memory, its node gone), this one raises
+    a `mmcl.launch.LostProcessError` naming it, within seconds, instead of waiting on it."""
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    except RuntimeError as error:
+        check_lost_process(trainer.accelerator, trainer.step, error)
+        raise

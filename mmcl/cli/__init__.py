@@ -45,3 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__  # one line
         print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "LostProcessError":  # mmcl.launch's; not imported here: it pulls in torch
+            raise
+        print(f"{args.parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        return 1

@@ -1,0 +1,204 @@
+"""Scaling out on CPU processes (gloo), through the shipped launch configs and torchrun:
+
+- FSDP2 with 2 processes takes the same steps as DDP with 2 processes and as 1 process with the
+  global batch, with the text tower partly locked (LiT-style, the last layer unlocked); a sharded
+  checkpoint resumes exactly.
+- Two "nodes" (two torchrun launches meeting at localhost) equal one 2-process launch.
+- A process killed mid-run: the survivor stops within a bounded time naming the lost rank, and the
+  job resumes from the last checkpoint to the same weights as an uninterrupted run.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import DEBUG_CONFIG, REPO
+
+LAUNCH_CONFIGS = REPO / "configs" / "accelerate"
+TOLERANCE = 1e-5  # measured max difference: see the closing note of issue 10 (about 1e-7)
+LOST_PROCESS_BOUND_S = 60  # the roll call waits 15 s for the lost rank; the rest is exit and teardown
+STEPS = 6
+
+
+def train_args(out, emoji_cache, small_emoji, tokenizer, batch, *extra):
+    return ["mmcl.cli", "train", str(DEBUG_CONFIG), f"--model.tokenizer={tokenizer}", f"--train.output_dir={out}",
+            f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
+            f"--train.per_device_batch_size={batch}", f"--train.max_steps={STEPS}", "--train.log_every=1",
+            "--train.checkpoint_every=3", "--train.keep_last=0", "--train.progress_bar=false",
+            "--train.warmup_steps=0", "--hub.export=false", *extra]
+
+
+def free_port():
+    """A port no earlier (or stray) launch is using: a fixed one could meet a leftover worker."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(cmd, **env):
+    """A launcher in its own process group, so that a timeout can stop its workers too."""
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc, timeout):
+    """-> (exit code, output); a launch still running after `timeout` s is killed with its workers."""
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def launch(cmd, timeout=600):
+    code, out = finish(start(cmd), timeout)
+    assert code == 0, out[-4000:]
+    return out
+
+
+def accelerate(config, port, args):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIGS / config),
+            "--main_process_port", str(port), "-m", *args]
+
+
+def torchrun(args, port, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port),
+            "-m", *args]
+
+
+def node(rank, port, module_args, run_id):
+    """One of two single-process "nodes" of a job meeting at localhost:port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+            # node 0 holds the job's store, as the machine named by --rdzv-endpoint does (on localhost both could)
+            "--rdzv-id", run_id, "--rdzv-conf", f"is_host={int(rank == 0)}", *module_args]
+
+
+def two_nodes(port, module_args, run_id, timeout=600, **env):
+    """Both nodes' launches, run together; -> (their exit codes, their outputs)."""
+    procs = [start(node(r, port, module_args, run_id), **env) for r in (0, 1)]
+    done = [finish(p, timeout) for p in procs]
+    return [code for code, _ in done], [out for _, out in done]
+
+
+def losses(out):
+    return [json.loads(line)["train/loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in line]
+
+
+def final(out):
+    return load_file(out / "final" / "model.safetensors")
+
+
+def assert_same_steps(a, b, what):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == STEPS, (la, lb)
+    assert max(abs(x - y) for x, y in zip(la, lb)) < TOLERANCE, (what, la, lb)
+    wa, wb = final(a), final(b)
+    assert wa.keys() == wb.keys(), what
+    worst = max((wa[n] - wb[n]).abs().max().item() for n in wa)
+    assert worst < TOLERANCE, (what, worst)
+    return worst
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_emoji, tmp_path_factory):
+    """One tokenizer for every run: WordPiece training is not deterministic across processes."""
+    from datasets import load_from_disk
+
+    from mmcl.build import train_wordpiece
+    from mmcl.data.pairs import iter_captions
+
+    path = tmp_path_factory.mktemp("scale") / "tokenizer"
+    train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(path)
+    return path
+
+
+def initial_weights(tokenizer, *overrides):
+    """The weights a run starts from (the Trainer seeds, then builds the model)."""
+    from accelerate.utils import set_seed
+
+    from mmcl.build import build_model, build_tokenizer, fit_text_config
+    from mmcl.config import load_config
+
+    config = load_config(str(DEBUG_CONFIG), [f"--model.tokenizer={tokenizer}", *overrides])
+    fit_text_config(config.model, build_tokenizer(config.model))
+    set_seed(config.train.seed)
+    return build_model(config.model).state_dict()
+
+
+LIT = ("--model.lock_text=true", "--model.unlock_text_layers=1")
+
+
+def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process_and_resumes_exactly(tmp_path, emoji_cache, small_emoji,
+                                                                             tokenizer):
+    args = lambda out, batch, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, tokenizer, batch, *LIT, *extra)
+    launch([sys.executable, "-m", *args("one", 32)])
+    launch(accelerate("multi_gpu_cpu.yaml", free_port(), args("ddp", 16)))
+    launch(accelerate("fsdp2_cpu.yaml", free_port(), args("fsdp", 16)))
+    print("max |difference| fsdp-ddp", assert_same_steps(tmp_path / "fsdp", tmp_path / "ddp", "fsdp vs ddp"))
+    print("max |difference| fsdp-one", assert_same_steps(tmp_path / "fsdp", tmp_path / "one", "fsdp vs 1 process"))
+
+    # the checkpoint is FSDP's sharded one: a part per process, no full copy
+    step3 = tmp_path / "fsdp" / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in (step3 / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (step3 / "model.safetensors").exists()
+
+    # LiT: the locked text layers did not move, the unlocked last one and the vision tower did
+    start, end = initial_weights(tokenizer, *LIT), final(tmp_path / "fsdp")
+    moved = {n for n in end if (end[n] - start[n].reshape(end[n].shape)).abs().max() > 1e-6}
+    assert "text_model.encoder.layer.0.attention.self.query.weight" not in moved
+    assert "text_model.embeddings.word_embeddings.weight" not in moved
+    assert {"text_model.encoder.layer.1.attention.self.query.weight", "logit_scale",
+            "vision_model.layers.0.attention.q_proj.weight"} <= moved
+
+    # resume: a fresh job from the sharded step-3 checkpoint takes steps 4-6 as the uninterrupted run
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, resumed / "checkpoints" / step3.name)
+    shutil.copytree(tmp_path / "fsdp" / "processor", resumed / "processor")
+    launch(accelerate("fsdp2_cpu.yaml", free_port(), args("resumed", 16, "--train.resume=latest")))
+    a, b = final(tmp_path / "fsdp"), final(resumed)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    print("max |difference| fsdp resumed-uninterrupted", worst)
+    assert worst < TOLERANCE
+    assert losses(resumed)[-3:] == pytest.approx(losses(tmp_path / "fsdp")[-3:], abs=TOLERANCE)
+
+
+def test_two_nodes_equal_one_node_and_a_lost_process_is_named_and_resumed(tmp_path, emoji_cache, small_emoji,
+                                                                          tokenizer):
+    args = lambda out, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, tokenizer, 16, *extra)
+    launch(torchrun(args("one-node"), free_port()))
+    codes, outs = two_nodes(free_port(), ["-m", *args("two-nodes")], "clean")
+    assert codes == [0, 0], outs
+    print("max |difference| 2 nodes - 1 node", assert_same_steps(tmp_path / "two-nodes", tmp_path / "one-node", "nodes"))
+
+    # rank 1 (the second node's only process) is killed after 4 steps; the step-3 checkpoint is complete
+    stamp = tmp_path / "killed-at"
+    codes, outs = two_nodes(free_port(), [str(REPO / "tests" / "scale" / "kill_worker.py"), *args("killed")[1:]], "killed",
+                            timeout=300, MMCL_KILL_RANK="1", MMCL_KILL_STEP="4", MMCL_KILL_STAMP=str(stamp))
+    ended = time.time()
+    assert stamp.is_file(), outs[1][-3000:]
+    waited = ended - float(stamp.read_text())
+    print(f"the survivor stopped {waited:.1f} s after rank 1 was killed")
+    assert codes[0] != 0 and codes[1] != 0
+    assert "lost a process at step 4: rank 1 of 2 did not answer" in outs[0], outs[0][-4000:]
+    assert waited < LOST_PROCESS_BOUND_S
+    assert [p.name for p in Path(tmp_path / "killed" / "checkpoints").glob("step-*")] == ["step-00000003"]
+
+    codes, outs = two_nodes(free_port(), ["-m", *args("killed", "--train.resume=latest")], "resume")
+    assert codes == [0, 0], outs
+    a, b = final(tmp_path / "one-node"), final(tmp_path / "killed")
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    print("max |difference| killed+resumed - uninterrupted", worst)
+    assert worst < TOLERANCE
