@@ -29,7 +29,7 @@ class ClipLoss(nn.Module):
     global batch is not pushed away from its twin: those logits are masked out of the softmax.
 
     Inputs: the model's output `out`: image_embeds (B, D), text_embeds (B, D), both unit norm, row i
-    of each a pair; logit_scale, a scalar tensor (the log of the inverse temperature); optional
+    of each a pair; logit_scale, a one-element tensor (the log of the inverse temperature); optional
     image_ids and text_ids, (B,) int64.
     Returns the scalar loss of this rank.
 

@@ -154,7 +154,7 @@ class Objective(nn.Module):
         rerun_scalars = [p for p in (rerun.logit_scale, rerun.logit_bias) if p is not None and p.requires_grad]
         for param, grad in zip(rerun_scalars, grads[2:]):
             if grad is not None:
-                surrogate = surrogate + param * grad
+                surrogate = surrogate + (param * grad).sum()  # a (1,) parameter: keep the loss 0-d
         return loss.detach() + surrogate - surrogate.detach(), DualEncoderOutput(
             images.detach(), texts.detach(), out.logit_scale, out.logit_bias)
 

@@ -68,3 +68,12 @@ def test_only_a_failed_collective_starts_a_roll_call():
     assert not is_peer_failure(RuntimeError("shape mismatch"))
     check_lost_process(fake_accelerator(), 3, RuntimeError("shape mismatch"))  # returns: the caller re-raises
     check_lost_process(fake_accelerator(processes=1), 3, RuntimeError("Connection closed by peer"))
+
+
+def test_a_deepspeed_launch_on_cpu_is_refused_not_silently_run_as_ddp(monkeypatch):
+    from mmcl.launch import shard_on_cpu
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed only on GPUs"):
+        shard_on_cpu(fake_accelerator(DistributedType.MULTI_CPU))
+    shard_on_cpu(fake_accelerator(DistributedType.NO))  # one process: nothing to shard, nothing to refuse
