@@ -140,14 +140,27 @@ def initial_weights(tokenizer, *overrides):
 LIT = ("--model.lock_text=true", "--model.unlock_text_layers=1")
 
 
+# evaluated through the sharded model at steps 3 and 6, the best model kept by R@1 (saved from shards)
+EVAL = (f"--data.validation={{small}}", "--data.max_validation_samples=48", "--train.eval_every=3",
+        "--eval.best_metric=val/image_to_text_R@1")
+
+
 def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process_and_resumes_exactly(tmp_path, emoji_cache, small_emoji,
                                                                              tokenizer):
-    args = lambda out, batch, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, tokenizer, batch, *LIT, *extra)
+    evals = [e.format(small=small_emoji) for e in EVAL]
+    args = lambda out, batch, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, tokenizer, batch, *LIT,
+                                                 *evals, *extra)
     launch([sys.executable, "-m", *args("one", 32)])
     launch(accelerate("multi_gpu_cpu.yaml", free_port(), args("ddp", 16)))
     launch(accelerate("fsdp2_cpu.yaml", free_port(), args("fsdp", 16)))
     print("max |difference| fsdp-ddp", assert_same_steps(tmp_path / "fsdp", tmp_path / "ddp", "fsdp vs ddp"))
     print("max |difference| fsdp-one", assert_same_steps(tmp_path / "fsdp", tmp_path / "one", "fsdp vs 1 process"))
+    metrics = {run: json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "ddp", "fsdp")}
+    recall = {run: m["val/image_to_text_R@1"] for run, m in metrics.items()}
+    assert recall["fsdp"] == recall["ddp"] == recall["one"], recall
+    best = load_file(tmp_path / "fsdp" / "best" / "model.safetensors")
+    assert best.keys() == final(tmp_path / "fsdp").keys()
+    assert json.loads((tmp_path / "fsdp" / "best" / "mmcl_info.json").read_text())["step"] in (3, 6)
 
     # the checkpoint is FSDP's sharded one: a part per process, no full copy
     step3 = tmp_path / "fsdp" / "checkpoints" / "step-00000003"
