@@ -102,8 +102,6 @@ def roll_call(acc: Accelerator, timeout_s: float = ROLL_CALL_S) -> list[int] | N
     """After a collective failed: which ranks are lost? Each survivor checks in at the job's store
     (the launcher's rendezvous store, which outlives the workers) and waits up to `timeout_s` for
     the others. Returns the ranks that did not answer, or None when the store cannot be reached."""
-    if acc.num_processes < 2 or "MASTER_ADDR" not in os.environ:
-        return None
     prefix = f"mmcl/roll-call/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
     try:
         store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
@@ -135,8 +133,8 @@ def is_peer_failure(error: BaseException) -> bool:
 def check_lost_process(acc: Accelerator, step: int, error: BaseException) -> None:
     """Raise a LostProcessError that names the lost ranks when `error` is a collective that failed
     because another process is gone; return (the caller re-raises `error`) otherwise."""
-    if acc.num_processes < 2 or not is_peer_failure(error):
-        return
+    if acc.num_processes < 2 or "MASTER_ADDR" not in os.environ or not is_peer_failure(error):
+        return  # one process, or a launcher without a store to meet at
     missing = roll_call(acc)
     if missing == []:  # everyone answered: not a lost process
         return
