@@ -94,6 +94,7 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
             max_logit_scale=cfg.max_logit_scale, init_logit_bias=init_logit_bias, image_ssl_dim=image_ssl_dim)
         model = DualEncoder(config, text, vision)
     apply_freezing(model, cfg)
+    apply_activation_checkpointing(model, cfg)
     return model
 
 
@@ -144,3 +145,15 @@ def apply_freezing(model: DualEncoder, cfg: ModelConfig) -> None:
         _lock(model.vision_model, cfg.unlock_vision_layers)
     if cfg.lock_text:
         _lock(model.text_model, cfg.unlock_text_layers)
+
+
+def apply_activation_checkpointing(model: DualEncoder, cfg: ModelConfig) -> None:
+    """`model.{text,vision}_activation_checkpointing`: transformers' own, non-reentrant (so it works
+    under DDP and FSDP, and with a partly frozen tower). The step it takes is the same."""
+    for key, tower in (("text", model.text_model), ("vision", model.vision_model)):
+        if not getattr(cfg, f"{key}_activation_checkpointing"):
+            continue
+        if not getattr(tower, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"model.{key}_activation_checkpointing: {type(tower).__name__} does not support "
+                              "activation checkpointing; set it to false")
+        tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

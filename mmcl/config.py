@@ -70,6 +70,9 @@ class ModelConfig:
     lock_text: bool = option(False, "freeze the text tower")
     unlock_vision_layers: int = option(0, "in a locked vision tower, train its last N blocks")
     unlock_text_layers: int = option(0, "in a locked text tower, train its last N blocks")
+    # Activation checkpointing: keep only each block's input, recompute the rest in backward
+    text_activation_checkpointing: bool = option(False, "text tower: less activation memory, its forward run twice")
+    vision_activation_checkpointing: bool = option(False, "vision tower: less activation memory, its forward run twice")
     trust_remote_code: bool = option(False, "let transformers run code shipped with a Hub model")
 
 

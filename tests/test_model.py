@@ -141,3 +141,10 @@ def test_pretrained_minilm_tower_matches_sentence_transformers():
     reference = SentenceTransformer(cfg.text_model, device="cpu").encode(texts, convert_to_tensor=True)
     assert torch.allclose(torch.nn.functional.normalize(pooled, dim=-1), reference, atol=1e-5)
     assert not any(p.requires_grad for p in model.text_model.parameters())  # locked, as configured
+
+
+def test_activation_checkpointing_is_switched_on_per_tower():
+    model = build_model(ModelConfig(text_config=dict(TEXT), vision_config=dict(VISION),
+                                    vision_activation_checkpointing=True))
+    on = lambda tower: [type(m).__name__ for m in tower.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert on(model.vision_model) == ["ViTLayer", "ViTLayer"] and on(model.text_model) == []
