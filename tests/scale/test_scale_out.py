@@ -79,15 +79,21 @@ def torchrun(args, port, nproc=2):
 def node(rank, port, module_args, run_id):
     """One of two single-process "nodes" of a job meeting at localhost:port."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
-            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
-            # node 0 holds the job's store, as the machine named by --rdzv-endpoint does (on localhost both could)
-            "--rdzv-id", run_id, "--rdzv-conf", f"is_host={int(rank == 0)}", *module_args]
+            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            # the job's store is held by the test (a dedicated rendezvous store), not by either node's
+            # agent: a host agent that finishes first would take the store down under the other one
+            "--rdzv-id", run_id, "--rdzv-conf", "is_host=0", *module_args]
 
 
 def two_nodes(port, module_args, run_id, timeout=600, **env):
-    """Both nodes' launches, run together; -> (their exit codes, their outputs)."""
+    """Both nodes' launches, run together, meeting at a store this process holds; -> (their exit
+    codes, their outputs)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     procs = [start(node(r, port, module_args, run_id), **env) for r in (0, 1)]
     done = [finish(p, timeout) for p in procs]
+    del store
     return [code for code, _ in done], [out for _, out in done]
 
 
