@@ -3,7 +3,7 @@
 - FSDP2 with 2 processes takes the same steps as DDP with 2 processes and as 1 process with the
   global batch, with the text tower partly locked (LiT-style, the last layer unlocked); a sharded
   checkpoint resumes exactly.
-- Two "nodes" (two torchrun launches meeting at localhost) equal one 2-process launch.
+- Two "nodes" (two torchrun --nnodes 2 launches meeting at localhost) equal one 2-process launch.
 - A process killed mid-run: the survivor stops within a bounded time naming the lost rank, and the
   job resumes from the last checkpoint to the same weights as an uninterrupted run.
 """
@@ -76,24 +76,19 @@ def torchrun(args, port, nproc=2):
             "-m", *args]
 
 
-def node(rank, port, module_args, run_id):
-    """One of two single-process "nodes" of a job meeting at localhost:port."""
+def node(rank, port, module_args):
+    """One of two single-process "nodes" of a job; node 0's launcher holds the job's store at
+    localhost:port (static rendezvous, as configs/accelerate/multi_node*.yaml). With torchrun's c10d
+    rendezvous on one machine the store's holder could finish first and take it down under the other
+    launcher, which then failed after a good run (seen in CI)."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
-            "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            # the job's store is held by the test (a dedicated rendezvous store), not by either node's
-            # agent: a host agent that finishes first would take the store down under the other one
-            "--rdzv-id", run_id, "--rdzv-conf", "is_host=0", *module_args]
+            "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *module_args]
 
 
-def two_nodes(port, module_args, run_id, timeout=600, **env):
-    """Both nodes' launches, run together, meeting at a store this process holds; -> (their exit
-    codes, their outputs)."""
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    procs = [start(node(r, port, module_args, run_id), **env) for r in (0, 1)]
+def two_nodes(port, module_args, timeout=600, **env):
+    """Both nodes' launches, run together; -> (their exit codes, their outputs)."""
+    procs = [start(node(r, port, module_args), **env) for r in (0, 1)]
     done = [finish(p, timeout) for p in procs]
-    del store
     return [code for code, _ in done], [out for _, out in done]
 
 
@@ -147,7 +142,7 @@ LIT = ("--model.lock_text=true", "--model.unlock_text_layers=1")
 
 
 # evaluated through the sharded model at steps 3 and 6, the best model kept by R@1 (saved from shards)
-EVAL = (f"--data.validation={{small}}", "--data.max_validation_samples=48", "--train.eval_every=3",
+EVAL = ("--data.validation={small}", "--data.max_validation_samples=48", "--train.eval_every=3",
         "--eval.best_metric=val/image_to_text_R@1")
 
 
@@ -198,13 +193,13 @@ def test_two_nodes_equal_one_node_and_a_lost_process_is_named_and_resumed(tmp_pa
                                                                           tokenizer):
     args = lambda out, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, tokenizer, 16, *extra)
     launch(torchrun(args("one-node"), free_port()))
-    codes, outs = two_nodes(free_port(), ["-m", *args("two-nodes")], "clean")
+    codes, outs = two_nodes(free_port(), ["-m", *args("two-nodes")])
     assert codes == [0, 0], outs
     print("max |difference| 2 nodes - 1 node", assert_same_steps(tmp_path / "two-nodes", tmp_path / "one-node", "nodes"))
 
     # rank 1 (the second node's only process) is killed after 4 steps; the step-3 checkpoint is complete
     stamp = tmp_path / "killed-at"
-    codes, outs = two_nodes(free_port(), [str(REPO / "tests" / "scale" / "kill_worker.py"), *args("killed")[1:]], "killed",
+    codes, outs = two_nodes(free_port(), [str(REPO / "tests" / "scale" / "kill_worker.py"), *args("killed")[1:]],
                             timeout=300, MMCL_KILL_RANK="1", MMCL_KILL_STEP="4", MMCL_KILL_STAMP=str(stamp))
     ended = time.time()
     assert stamp.is_file(), outs[1][-3000:]
@@ -215,7 +210,7 @@ def test_two_nodes_equal_one_node_and_a_lost_process_is_named_and_resumed(tmp_pa
     assert waited < LOST_PROCESS_BOUND_S
     assert [p.name for p in Path(tmp_path / "killed" / "checkpoints").glob("step-*")] == ["step-00000003"]
 
-    codes, outs = two_nodes(free_port(), ["-m", *args("killed", "--train.resume=latest")], "resume")
+    codes, outs = two_nodes(free_port(), ["-m", *args("killed", "--train.resume=latest")])
     assert codes == [0, 0], outs
     a, b = final(tmp_path / "one-node"), final(tmp_path / "killed")
     worst = max((a[n] - b[n]).abs().max().item() for n in a)
