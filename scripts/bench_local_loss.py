@@ -22,13 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from bench_loss import _kib  # noqa: E402  (peak-RSS reading, shared with the GradCache benchmark)
 
 
 def worker(global_batch: int, ranks: int, dim: int) -> dict[str, float]:
