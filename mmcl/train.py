@@ -345,6 +345,10 @@ class Trainer:
         if acc.is_main_process:
             write_json(self.output_dir / METRICS_NAME, metrics)
             acc.print(f"saved the model to {final} and metrics to {self.output_dir / METRICS_NAME}")
+        # Every rank's last collective completes before the group goes: a gloo work still in flight
+        # when the DDP wrapper (which holds the group) is freed made ~1 in 10 two-process runs hang
+        # in ProcessGroupGloo's destructor after the model was saved.
+        acc.wait_for_everyone()
         acc.end_training()
         return metrics
 
