@@ -121,7 +121,7 @@ def retrieval_metrics(
 
     Memory is O(chunk_size * max(N_img, N_txt)): queries are processed ``chunk_size`` at a time,
     and only the count of candidates above each target is kept; no full similarity matrix or sort.
-    For image -> text the chunked queries are (image, own caption) pairs.
+    Each direction is one matmul and two comparison passes over its scores.
 
     Args:
         image_embeds: (N_img, D) image embeddings.
@@ -141,28 +141,47 @@ def retrieval_metrics(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_retrieval_inputs(image_embeds, text_embeds, text_to_image)
     images, texts = image_embeds.float(), text_embeds.float()
+    if not (torch.isfinite(images).all() and torch.isfinite(texts).all()):  # NaN would rank first
+        raise ValueError("image_embeds or text_embeds contain NaN or infinite values")
     t2i = text_to_image.to(device=images.device, dtype=torch.long)
     n_img, n_txt = images.shape[0], texts.shape[0]
 
-    # text -> image: query chunk of captions against all images.
-    t2i_ranks = torch.cat(
-        [rank_of_target(texts[s : s + chunk_size] @ images.T, t2i[s : s + chunk_size]) for s in range(0, n_txt, chunk_size)]
-    )  # (N_txt,)
-
-    # image -> text: chunk over (image, own caption) pairs sorted by image, so each chunk touches a
-    # contiguous block of at most chunk_size images; rank each pair, then min-reduce per image.
-    caption_order = torch.sort(t2i, stable=True).indices  # (N_txt,) captions grouped by image
-    best = torch.full((n_img,), n_txt + 1, dtype=torch.long, device=images.device)
+    # text -> image: a chunk of captions against all images; the target is the caption's image.
+    t2i_ranks = torch.empty(n_txt, dtype=torch.long, device=images.device)
     for s in range(0, n_txt, chunk_size):
-        captions = caption_order[s : s + chunk_size]  # (c,)
-        owners = t2i[captions]  # (c,) non-decreasing
-        first, last = int(owners[0]), int(owners[-1])
-        sims = images[first : last + 1] @ texts.T  # (<= c, N_txt)
-        ranks = rank_of_target(sims[owners - first], captions)  # (c,)
-        best.scatter_reduce_(0, owners, ranks, reduce="amin")
+        scores = texts[s : s + chunk_size] @ images.T  # (c, N_img)
+        target = t2i[s : s + chunk_size]
+        t2i_ranks[s : s + chunk_size] = _stable_rank(scores, scores.gather(1, target[:, None]), target)
+
+    # image -> text: a chunk of images against all captions. An image's best rank among its own
+    # captions is the rank of its best-scoring own caption (the lowest index among equals).
+    caption_order = torch.sort(t2i, stable=True).indices  # (N_txt,) captions grouped by image
+    bounds = torch.cat([t2i.new_zeros(1), torch.bincount(t2i, minlength=n_img).cumsum(0)]).tolist()
+    best = torch.empty(n_img, dtype=torch.long, device=images.device)
+    for s in range(0, n_img, chunk_size):
+        e = min(s + chunk_size, n_img)
+        scores = images[s:e] @ texts.T  # (c, N_txt)
+        captions = caption_order[bounds[s] : bounds[e]]  # this chunk's own captions, grouped by image
+        owners = t2i[captions] - s
+        own = scores[owners, captions]
+        top = torch.full((e - s,), float("-inf"), device=images.device).scatter_reduce_(0, owners, own, "amax")
+        first = torch.where(own == top[owners], captions, n_txt)
+        first = torch.full((e - s,), n_txt, device=images.device).scatter_reduce_(0, owners, first, "amin")
+        best[s:e] = _stable_rank(scores, top[:, None], first)
     out = _rank_summary("image_to_text", best, ks)
     out.update(_rank_summary("text_to_image", t2i_ranks, ks))
     return out
+
+
+def _stable_rank(scores: Tensor, target_score: Tensor, target: Tensor) -> Tensor:
+    """`rank_of_target` given the target scores (Q, 1), without its checks: two passes over the
+    scores, and the index tie-break only on the rare rows where another candidate ties exactly."""
+    ranks = (scores > target_score).sum(1).add_(1)
+    tied = ((scores == target_score).sum(1) > 1).nonzero().squeeze(1)
+    if tied.numel():
+        before = torch.arange(scores.shape[1], device=scores.device)[None, :] < target[tied, None]
+        ranks[tied] += ((scores[tied] == target_score[tied]) & before).sum(1)
+    return ranks
 
 
 def _check_classification_inputs(logits: Tensor, labels: Tensor) -> None:

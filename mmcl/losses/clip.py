@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DualEncoderOutput
-from .distributed import gather_ids, gather_with_grad
+from .distributed import gather_ids, gather_with_grad, is_distributed
 from .negatives import Negatives, duplicate_mask
+from .symmetric import symmetric_infonce
 
 
 class ClipLoss(nn.Module):
@@ -40,18 +41,23 @@ class ClipLoss(nn.Module):
                 text_ids: torch.Tensor | None = None, negatives: Negatives | None = None) -> torch.Tensor:
         # The softmax runs in float32 even under bf16 autocast.
         image_embeds, text_embeds = out.image_embeds.float(), out.text_embeds.float()
-        all_images, rank = gather_with_grad(image_embeds)
-        all_texts, _ = gather_with_grad(text_embeds)
         scale = out.logit_scale.float().exp()
-        logits_per_image = scale * image_embeds @ all_texts.T  # (B, world * B)
-        logits_per_text = scale * text_embeds @ all_images.T  # (B, world * B)
         batch = image_embeds.shape[0]
+        rank = torch.distributed.get_rank() if is_distributed() else 0
         targets = torch.arange(batch, device=image_embeds.device) + rank * batch
+        mask = None
         if image_ids is not None and text_ids is not None:
             mask = duplicate_mask(image_ids, text_ids, gather_ids(image_ids), gather_ids(text_ids), targets)
-            if mask.any():
-                logits_per_image = logits_per_image.masked_fill(mask, float("-inf"))
-                logits_per_text = logits_per_text.masked_fill(mask, float("-inf"))
+            mask = mask if mask.any() else None
+        if not is_distributed() and mask is None and negatives is None:
+            return symmetric_infonce(image_embeds, text_embeds, scale)  # one matrix, same value and gradients
+        all_images, _ = gather_with_grad(image_embeds)
+        all_texts, _ = gather_with_grad(text_embeds)
+        logits_per_image = scale * image_embeds @ all_texts.T  # (B, world * B)
+        logits_per_text = scale * text_embeds @ all_images.T  # (B, world * B)
+        if mask is not None:
+            logits_per_image = logits_per_image.masked_fill(mask, float("-inf"))
+            logits_per_text = logits_per_text.masked_fill(mask, float("-inf"))
         if negatives is not None:
             logits_per_image = _extend(logits_per_image, scale, *negatives.image_side(image_embeds, image_ids, text_ids))
             logits_per_text = _extend(logits_per_text, scale, *negatives.text_side(text_embeds, image_ids, text_ids))
