@@ -95,6 +95,7 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
         model = DualEncoder(config, text, vision)
     apply_freezing(model, cfg)
     apply_activation_checkpointing(model, cfg)
+    apply_attention(model, cfg)
     return model
 
 
@@ -157,3 +158,15 @@ def apply_activation_checkpointing(model: DualEncoder, cfg: ModelConfig) -> None
             raise ConfigError(f"model.{key}_activation_checkpointing: {type(tower).__name__} does not support "
                               "activation checkpointing; set it to false")
         tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_attention(model: DualEncoder, cfg: ModelConfig) -> None:
+    """`model.attn_implementation` for both towers (the same math; another kernel)."""
+    if not cfg.attn_implementation:
+        return
+    for tower in (model.text_model, model.vision_model):
+        try:
+            tower.set_attn_implementation(cfg.attn_implementation)
+        except (ValueError, ImportError) as error:
+            raise ConfigError(f"model.attn_implementation={cfg.attn_implementation!r}: {type(tower).__name__} "
+                              f"refused it ({str(error).splitlines()[0]}); use sdpa or eager") from error

@@ -73,6 +73,9 @@ class ModelConfig:
     # Activation checkpointing: keep only each block's input, recompute the rest in backward
     text_activation_checkpointing: bool = option(False, "text tower: less activation memory, its forward run twice")
     vision_activation_checkpointing: bool = option(False, "vision tower: less activation memory, its forward run twice")
+    attn_implementation: str | None = option(
+        None, "attention kernel of both towers (transformers' attn_implementation): sdpa | eager | ...; empty: the "
+              "tower's default (sdpa). On CPU under bf16, eager took half the step time of sdpa (scripts/bench_train.py)")
     trust_remote_code: bool = option(False, "let transformers run code shipped with a Hub model")
 
 
@@ -142,6 +145,8 @@ class TrainConfig:
     warmup_steps: int = option(100, "linear warmup steps")
     lr_scheduler: Literal["cosine", "constant"] = option("cosine", "after warmup")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm; null: no clipping")
+    optim: Literal["adamw_torch", "adamw_torch_fused"] = option(
+        "adamw_torch", "AdamW as torch's multi-tensor (foreach) or fused kernel: the same update")
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision")
     log_every: int = option(10, "log loss, lr, temperature, grad norm, samples/s every N steps")
     eval_every: int = option(200, "evaluate 'val' every N steps; 0: only at the end")

@@ -36,13 +36,14 @@ from .tracking import build_trackers, flatten, progress_bar
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; biases, norms and logit_scale (every parameter of dim < 2) get no weight decay."""
+    """AdamW (`train.optim`: foreach or fused); biases, norms and logit_scale (every parameter of
+    dim < 2) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon)
+                             eps=cfg.adam_epsilon, fused=cfg.optim == "adamw_torch_fused" or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:

@@ -6,11 +6,16 @@ module paths). Run from the harness folder, naming this file:
 `peer_train` is imported from MMCL_PEER_BENCH, else from ../shared/bench beside the repository.
 
   mmcl_clip : DualEncoder with CLIPTextModel + CLIPVisionModel towers built from configs (the
-              architecture closest to open_clip.CLIP: pre-LN, causal text, EOS/CLS poolers).
+              architecture of open_clip.CLIP: pre-LN, causal text, EOS/CLS poolers, and GELU, as
+              open_clip's default; transformers' CLIP configs default to quick_gelu).
+  mmcl_clip_fast : the same towers with the speed options a user sets in the config:
+              model.attn_implementation=eager and train.optim=adamw_torch_fused.
+  mmcl_clip_lean : mmcl_clip_fast with model.{text,vision}_activation_checkpointing=true.
   mmcl_bert : DualEncoder with BERT + ViT towers, mean/cls pooling (what mmcl's quickstart uses).
-Both run mmcl.train.training_step under an Accelerator (mixed_precision no|bf16 on CPU = autocast),
-AdamW with mmcl's own parameter groups (lr 1e-4, wd 0.1 as the harness), no grad clipping
-(max_grad_norm=None, as open_clip's default), and clamp_logit_scale after each step.
+All are built by mmcl.build.build_model from a ModelConfig and run mmcl.train.training_step under
+an Accelerator (mixed_precision no|bf16 on CPU = autocast), with mmcl's optimizer (its parameter
+groups; lr 1e-4, wd 0.1 as the harness), no grad clipping (max_grad_norm=None, as open_clip's
+default), and clamp_logit_scale after each step.
 """
 import os
 import sys
@@ -20,20 +25,24 @@ sys.path.insert(0, os.environ.get("MMCL_PEER_BENCH", os.path.join(_REPO, "..", "
 from peer_train import LR, WD, Contestant  # noqa: E402
 
 
-def _contestant(arch, precision, text_config, vision_config, text_pooling, vision_pooling, notes):
+def _contestant(arch, precision, text_config, vision_config, text_pooling, vision_pooling, notes, **options):
     import torch
     from accelerate import Accelerator
 
     import mmcl.train as mt
-    from mmcl.config import TrainConfig
+    from mmcl.build import build_model
+    from mmcl.config import ModelConfig, TrainConfig
     from mmcl.losses import ClipLoss, Objective
-    from mmcl.model import DualEncoder, DualEncoderConfig
 
-    cfg = DualEncoderConfig(text_config=text_config, vision_config=vision_config, text_pooling=text_pooling,
-                            vision_pooling=vision_pooling, projection_dim=arch["embed_dim"])
-    model = DualEncoder(cfg).train()
+    mcfg = ModelConfig(text_config=text_config, vision_config=vision_config, text_pooling=text_pooling,
+                       vision_pooling=vision_pooling, projection_dim=arch["embed_dim"],
+                       attn_implementation=options.get("attn_implementation"),
+                       text_activation_checkpointing=options.get("checkpointing", False),
+                       vision_activation_checkpointing=options.get("checkpointing", False))
+    model = build_model(mcfg).train()
     tcfg = TrainConfig(learning_rate=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                       max_grad_norm=None, mixed_precision={"fp32": "no"}.get(precision, precision))
+                       max_grad_norm=None, mixed_precision={"fp32": "no"}.get(precision, precision),
+                       optim=options.get("optim", "adamw_torch"))
     acc = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=True)
     opt = mt.build_optimizer(model, tcfg)
     pmodel, opt = acc.prepare(model, opt)
@@ -61,17 +70,34 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
                       notes=f"mmcl {getattr(mmcl, '__version__', '?')}; {notes}")
 
 
-def build_mmcl_clip(arch, precision):
+def _clip_towers(arch):
     w, m = arch["text_width"], arch["mlp_ratio"]
     text = dict(model_type="clip_text_model", vocab_size=arch["vocab_size"], hidden_size=w,
                 intermediate_size=w * m, num_hidden_layers=arch["text_layers"], num_attention_heads=arch["text_heads"],
-                max_position_embeddings=arch["context_length"], eos_token_id=arch["vocab_size"] - 1)
+                max_position_embeddings=arch["context_length"], eos_token_id=arch["vocab_size"] - 1,
+                hidden_act="gelu")
     vw = arch["vision_width"]
     vision = dict(model_type="clip_vision_model", hidden_size=vw, intermediate_size=vw * m,
                   num_hidden_layers=arch["vision_layers"], num_attention_heads=arch["vision_heads"],
-                  image_size=arch["image_size"], patch_size=arch["patch_size"])
-    return _contestant(arch, precision, text, vision, "pooler", "pooler",
-                       "CLIPTextModel + CLIPVisionModel towers, pooler pooling")
+                  image_size=arch["image_size"], patch_size=arch["patch_size"], hidden_act="gelu")
+    return text, vision
+
+
+def build_mmcl_clip(arch, precision):
+    return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
+                       "CLIPTextModel + CLIPVisionModel towers (GELU), pooler pooling")
+
+
+def build_mmcl_clip_fast(arch, precision):
+    return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
+                       "CLIP towers (GELU), model.attn_implementation=eager, train.optim=adamw_torch_fused",
+                       attn_implementation="eager", optim="adamw_torch_fused")
+
+
+def build_mmcl_clip_lean(arch, precision):
+    return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
+                       "CLIP towers (GELU), mmcl_clip_fast's options and activation checkpointing in both towers",
+                       attn_implementation="eager", optim="adamw_torch_fused", checkpointing=True)
 
 
 def build_mmcl_bert(arch, precision):
@@ -95,5 +121,7 @@ def mmcl_loss_factory():
 
 def register(contestants, losses):
     contestants["mmcl_clip"] = build_mmcl_clip
+    contestants["mmcl_clip_fast"] = build_mmcl_clip_fast
+    contestants["mmcl_clip_lean"] = build_mmcl_clip_lean
     contestants["mmcl_bert"] = build_mmcl_bert
     losses["mmcl_loss"] = mmcl_loss_factory
