@@ -1,103 +1,176 @@
-"""Training throughput and peak memory: mmcl against a plain loop around transformers'
-`VisionTextDualEncoderModel(return_loss=True)`, on identical towers and synthetic data.
+"""Training throughput and peak memory of mmcl's real training step against peers on identical towers.
 
-Run:  python scripts/bench_train.py [--steps 10] [--batch 128] [--repeats 2]
-Each (implementation, precision) runs in its own process, so peak memory is its own; runs are
-interleaved and repeated, and the ratio mmcl / baseline is computed within this one run.
-Architecture (fixed): ViT 64 px / patch 8 / width 192 / 4 layers; BERT width 192 / 4 layers,
-32 tokens; projection 128. Both use each tower's pooler_output, as VisionTextDualEncoderModel does.
+Run:  python scripts/bench_train.py [--steps 10] [--batch 128] [--repeats 2] [--precisions no,bf16]
+          [--set model.attn_implementation=eager --set train.optim=adamw_torch_fused ...]
+
+Pairs, each on synthetic in-RAM data (the same batch for both sides of a pair):
+  mmcl vs vtde          BERT + ViT towers (width 192, 4 layers, 32 tokens; ViT 64 px / patch 8),
+                        projection 128, pooler outputs; vtde is a plain loop around transformers'
+                        VisionTextDualEncoderModel(return_loss=True).
+  mmcl_clip vs open_clip  the architecture of ../shared/bench/peer_train.py: ViT 64 px / patch 8 /
+                        width 192 / 4 layers / 3 heads; text width 192 / 4 layers / 3 heads / 32
+                        tokens / vocab 8000; GELU; embedding 128; 5.2 M parameters. open_clip.CLIP
+                        with its ClipLoss and open_clip_train's step (AdamW, clamp); mmcl with
+                        CLIPTextModel + CLIPVisionModel towers. Runs only where open_clip is importable:
+                        it is not a dependency of mmcl, and its torchvision pulls a CUDA torch, so use a
+                        separate environment, as ../shared/bench/README.md says:
+                            python3 -m venv /tmp/venv-peer
+                            /tmp/venv-peer/bin/pip install torch torchvision open-clip-torch transformers \\
+                                accelerate datasets evaluate pyyaml
+                            /tmp/venv-peer/bin/pip install --no-deps -e .
+                            /tmp/venv-peer/bin/python scripts/bench_train.py
+mmcl runs `mmcl.train.training_step` with `build_model` / `build_optimizer` (lr 1e-4, wd 0.1, no
+clipping, as the peers); `--set section.key=value` applies a model / train config option to the mmcl
+sides only (e.g. the speed options). Each (implementation, precision) runs in its own process, so
+peak RSS (or peak CUDA memory) is its own; runs are interleaved and repeated; samples/s is over the
+median step after 3 warm-up steps, and ratios mmcl / peer are taken within this one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
+PAIRS = {"mmcl": "vtde", "mmcl_clip": "open_clip"}
+LR, WD = 1e-4, 0.1
+WIDTH, LAYERS, HEADS, TOKENS, VOCAB, IMAGE, PATCH, EMBED = 192, 4, 3, 32, 8000, 64, 8, 128
 
-def towers():
-    from transformers import BertConfig, ViTConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
-    torch.manual_seed(0)
-    vision = ViTConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
-                       image_size=64, patch_size=8)
-    text = BertConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=4, intermediate_size=768,
-                      vocab_size=8000, max_position_embeddings=64)
-    return VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=128))
+def bert_vit() -> tuple[dict, dict]:
+    text = dict(model_type="bert", hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=4 * WIDTH, vocab_size=VOCAB, max_position_embeddings=64)
+    vision = dict(model_type="vit", hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  intermediate_size=4 * WIDTH, image_size=IMAGE, patch_size=PATCH)
+    return text, vision
+
+
+def clip_towers() -> tuple[dict, dict]:
+    """open_clip.CLIP's architecture in transformers' CLIP classes (GELU, as open_clip's default)."""
+    text = dict(model_type="clip_text_model", hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=TOKENS, eos_token_id=VOCAB - 1,
+                hidden_act="gelu")
+    vision = dict(model_type="clip_vision_model", hidden_size=WIDTH, intermediate_size=4 * WIDTH,
+                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, image_size=IMAGE, patch_size=PATCH,
+                  hidden_act="gelu")
+    return text, vision
 
 
 def synthetic(batch: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.randint(5, 8000, (batch, 32), generator=g).to(device),
-            "attention_mask": torch.ones(batch, 32, dtype=torch.long, device=device),
-            "pixel_values": torch.randn(batch, 3, 64, 64, generator=g).to(device)}
+    ids = torch.randint(5, VOCAB - 1, (batch, TOKENS), generator=g)
+    ids[:, -1] = VOCAB - 1  # an end-of-text token where CLIP pools
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones(batch, TOKENS, dtype=torch.long, device=device),
+            "pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=g).to(device)}
 
 
-def mmcl_step_fn(precision: str):
+def autocast(device: str, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def mmcl_step_fn(impl: str, precision: str, options: list[str]) -> tuple[Callable, str]:
     from accelerate import Accelerator
 
+    from mmcl.build import build_model
+    from mmcl.config import ModelConfig, TrainConfig, build_section, parse_overrides
     from mmcl.losses import ClipLoss, Objective
-    from mmcl.model import DualEncoder, DualEncoderConfig
-    from mmcl.train import training_step
+    from mmcl.train import build_optimizer, training_step
 
-    source = towers()
-    model = DualEncoder(DualEncoderConfig(source.text_model.config.to_dict(), source.vision_model.config.to_dict(),
-                                          projection_dim=128), source.text_model, source.vision_model)
-    model.text_projection.load_state_dict(source.text_projection.state_dict())
-    model.visual_projection.load_state_dict(source.visual_projection.state_dict())
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    text, vision = clip_towers() if impl == "mmcl_clip" else bert_vit()
+    chosen = parse_overrides([f"--{o}" for o in options])
+    model_cfg = build_section(ModelConfig, {"text_config": text, "vision_config": vision, "projection_dim": EMBED,
+                                            **chosen.pop("model", {})}, "model")
+    train_cfg = build_section(TrainConfig, {"learning_rate": LR, "weight_decay": WD, "adam_epsilon": 1e-8,
+                                            "max_grad_norm": None, "mixed_precision": precision,
+                                            **chosen.pop("train", {})}, "train")
+    if chosen:
+        sys.exit(f"--set: only model.* and train.* options apply here, got {sorted(chosen)}")
+    model = build_model(model_cfg).train()
+    accelerator = Accelerator(mixed_precision=train_cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    optimizer = build_optimizer(model, train_cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loss_fn = Objective(ClipLoss(), accelerator)
+    objective = Objective(ClipLoss(), accelerator)
 
-    def step(batch):
-        loss, _, _ = training_step(accelerator, model, loss_fn, optimizer, dict(batch), 1.0)
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss, _, _ = training_step(accelerator, model, objective, optimizer, dict(batch), train_cfg.max_grad_norm)
         accelerator.unwrap_model(model).clamp_logit_scale()
         return loss
-    return step, accelerator.device
+    return step, str(accelerator.device)
 
 
-def baseline_step_fn(precision: str):
+def vtde_step_fn(precision: str) -> tuple[Callable, str]:
+    from transformers import AutoConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = towers().to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    text, vision = (AutoConfig.for_model(**c) for c in bert_vit())
+    model = VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision, text, projection_dim=EMBED)).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
 
-    def step(batch):
-        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast(device, precision):
             loss = model(**batch, return_loss=True).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
     return step, device
 
 
-def worker(impl: str, precision: str, batch: int, steps: int) -> dict[str, float]:
-    step, device = (mmcl_step_fn if impl == "mmcl" else baseline_step_fn)(precision)
-    data = synthetic(batch, str(device))
-    for _ in range(3):  # warm-up: allocator, autotuning
+def open_clip_step_fn(precision: str) -> tuple[Callable, str]:
+    import open_clip
+    from open_clip.loss import ClipLoss as OpenClipLoss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = open_clip.CLIP(embed_dim=EMBED, output_dict=True,
+                           vision_cfg={"image_size": IMAGE, "patch_size": PATCH, "width": WIDTH, "layers": LAYERS,
+                                       "head_width": WIDTH // HEADS, "mlp_ratio": 4},
+                           text_cfg={"context_length": TOKENS, "vocab_size": VOCAB, "width": WIDTH, "heads": HEADS,
+                                     "layers": LAYERS}).to(device).train()
+    loss_fn = OpenClipLoss()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    optimizer = torch.optim.AdamW([{"params": rest, "weight_decay": 0.0}, {"params": decay, "weight_decay": WD}], lr=LR)
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:  # open_clip_train's train_one_epoch, accum_freq 1
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = loss_fn(**model(batch["pixel_values"], batch["input_ids"]))
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)
+        return loss.detach()
+    return step, device
+
+
+def worker(impl: str, precision: str, batch: int, steps: int, options: list[str]) -> dict[str, float]:
+    torch.manual_seed(0)
+    step, device = (vtde_step_fn(precision) if impl == "vtde" else open_clip_step_fn(precision)
+                    if impl == "open_clip" else mmcl_step_fn(impl, precision, options))
+    data = synthetic(batch, device)
+    for _ in range(3):  # warm-up: allocator, kernels
         step(data)
-    if torch.cuda.is_available():
+    if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    times = []
     for _ in range(steps):
-        loss = step(data)
-    loss.item()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+        start = time.perf_counter()
+        loss = step(data).item()  # .item() waits for the device
+        times.append(time.perf_counter() - start)
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"samples_per_s": batch * steps / elapsed, "peak_mb": peak_mb}
+    return {"samples_per_s": batch / statistics.median(times), "peak_mb": peak_mb, "last_loss": loss}
 
 
 def main() -> None:
@@ -106,28 +179,47 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precisions", default="no,bf16")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a model.* / train.* option for the mmcl sides, e.g. model.attn_implementation=eager")
+    parser.add_argument("--pairs", default=None, help="mmcl,mmcl_clip (default: both; mmcl_clip needs open_clip)")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch, args.steps)))
+        print(json.dumps(worker(*args.worker, args.batch, args.steps, args.set)))
         return
+    pairs = args.pairs.split(",") if args.pairs else [
+        p for p in PAIRS if p != "mmcl_clip" or importlib.util.find_spec("open_clip")]
+    if "mmcl_clip" not in pairs:
+        print("open_clip is not importable here: the mmcl_clip vs open_clip pair is left out (see --help)")
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for _ in range(args.repeats):
+    for rep in range(args.repeats):
         for precision in args.precisions.split(","):
-            for impl in ("mmcl", "baseline"):
-                out = subprocess.run([sys.executable, __file__, "--worker", impl, precision, "--batch", str(args.batch),
-                                      "--steps", str(args.steps)], capture_output=True, text=True, check=True)
-                results.setdefault((impl, precision), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+            for mine in pairs:
+                order = (mine, PAIRS[mine]) if rep % 2 == 0 else (PAIRS[mine], mine)  # alternate who goes first
+                for impl in order:
+                    cmd = [sys.executable, __file__, "--worker", impl, precision, "--batch", str(args.batch),
+                           "--steps", str(args.steps), *(f"--set={o}" for o in args.set)]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode:
+                        sys.exit(f"{impl} ({precision}) failed:\n{out.stderr[-3000:]}")
+                    results.setdefault((impl, precision), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    report(results, pairs, args)
+
+
+def report(results: dict, pairs: list[str], args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     memory = "peak CUDA MB" if device == "cuda" else "peak RSS MB"
-    print(f"device={device} batch={args.batch} steps={args.steps} repeats={args.repeats} (median of repeats)")
-    print(f"{'precision':<10}{'mmcl samples/s':>16}{'baseline samples/s':>20}{'ratio':>8}"
-          f"{'mmcl ' + memory:>20}{'baseline ' + memory:>24}")
+    print(f"device={device} batch={args.batch} steps={args.steps} repeats={args.repeats} (median of repeats); "
+          f"mmcl options: {' '.join(args.set) or 'defaults'}")
+    print(f"{'precision':<10}{'pair':<22}{'mmcl samples/s':>16}{'peer samples/s':>16}{'ratio':>8}"
+          f"{'mmcl ' + memory:>18}{'peer ' + memory:>18}{'ratio':>8}")
     for precision in args.precisions.split(","):
-        m = {k: statistics.median(r[k] for r in results[("mmcl", precision)]) for k in ("samples_per_s", "peak_mb")}
-        b = {k: statistics.median(r[k] for r in results[("baseline", precision)]) for k in ("samples_per_s", "peak_mb")}
-        print(f"{precision:<10}{m['samples_per_s']:>16.1f}{b['samples_per_s']:>20.1f}"
-              f"{m['samples_per_s'] / b['samples_per_s']:>8.3f}{m['peak_mb']:>20.0f}{b['peak_mb']:>24.0f}")
+        for mine in pairs:
+            m, p = ({k: statistics.median(r[k] for r in results[(impl, precision)]) for k in ("samples_per_s", "peak_mb")}
+                    for impl in (mine, PAIRS[mine]))
+            print(f"{precision:<10}{mine + ' / ' + PAIRS[mine]:<22}{m['samples_per_s']:>16.1f}{p['samples_per_s']:>16.1f}"
+                  f"{m['samples_per_s'] / p['samples_per_s']:>8.3f}{m['peak_mb']:>18.0f}{p['peak_mb']:>18.0f}"
+                  f"{m['peak_mb'] / p['peak_mb']:>8.3f}")
 
 
 if __name__ == "__main__":
