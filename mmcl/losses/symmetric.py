@@ -26,10 +26,21 @@ FAR_BELOW = 30.0
 class SymmetricInfoNCE(torch.autograd.Function):
     """loss = (CE(L, diag) over rows + CE(L.T, diag) over rows) / 2 with L = scale * a @ b.T.
     a, b: (B, D) float32; scale: one-element float32 tensor (exp of the logit scale).
-    Each block is written into buffers allocated once (fresh 16 MB temporaries cost page faults)."""
+    Each block is written into buffers allocated once (fresh temporaries per block cost page
+    faults), and everything runs in float32 even inside an autocast region."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        with torch.autocast(a.device.type, enabled=False):
+            return SymmetricInfoNCE._forward(ctx, a, b, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        with torch.autocast(grad.device.type, enabled=False):
+            return SymmetricInfoNCE._backward(ctx, grad)
+
+    @staticmethod
+    def _forward(ctx, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         n = a.shape[0]
         scaled = a * scale
         # One shift for the whole matrix, a bound no logit exceeds, so each block takes one
@@ -57,7 +68,7 @@ class SymmetricInfoNCE(torch.autograd.Function):
         return (row_lse.mean() + col_lse.mean()) / 2 - diag.mean()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, b, scale, row_lse, col_lse = ctx.saved_tensors
         n = a.shape[0]
         scaled = a * scale

@@ -64,6 +64,20 @@ def test_rows_and_columns_far_below_the_shared_shift(monkeypatch):
         assert torch.allclose(x, y, rtol=0, atol=1e-12)
 
 
+def test_float32_inside_bf16_autocast(monkeypatch):
+    """Inside an autocast region (the training loop's bf16) the loss still runs in float32, also on
+    its exact path for rows far below the shift."""
+    monkeypatch.setattr(symmetric, "FAR_BELOW", -1e9)  # every row and column takes the exact path too
+    a, b, s = (t.detach().float().requires_grad_() for t in inputs(64, d=32, seed=5))
+    want = symmetric.symmetric_infonce(a, b, s.exp())
+    want_grads = torch.autograd.grad(want, (a, b, s))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = symmetric.symmetric_infonce(a, b, s.exp())
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    for x, y in zip(torch.autograd.grad(got, (a, b, s)), want_grads):
+        assert torch.equal(x, y)
+
+
 def test_gradcheck():
     a, b, s = inputs(9, d=4, seed=3)
     assert torch.autograd.gradcheck(lambda a, b, s: symmetric.symmetric_infonce(a, b, s.exp()), (a, b, s))
