@@ -117,6 +117,19 @@ def roll_call(acc: Accelerator, timeout_s: float = ROLL_CALL_S) -> list[int] | N
         return None
 
 
+def release_reducer(model: torch.nn.Module) -> None:
+    """Free DDP's Reducer while the process group is still registered, before `end_training`.
+
+    Otherwise the Reducer holds the group's last reference, and its destructor joins gloo's worker
+    threads with the GIL held, while a worker waits for the GIL to free a finished collective's
+    tensors: a deadlock (py-spy: ~ProcessGroupGloo -> thread::join; the worker in
+    ~AsyncAllgatherWork -> decref_pyobject). It hung ~1 in 10 two-process test runs after the
+    model was saved. The group's own Python handle releases the GIL in its destructor. The model
+    cannot take a distributed step afterwards."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and getattr(model, "reducer", None) is not None:
+        del model.reducer
+
+
 class LostProcessError(RuntimeError):
     """Another process of the job is gone; this one stopped instead of waiting for it."""
 

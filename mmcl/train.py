@@ -29,7 +29,7 @@ from .data.sources import load_pairs, load_stream, require_columns
 from .data.streaming import StreamingPairs, stream_captions
 from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
 from .inference import EncoderBundle, load_processors
-from .launch import build_accelerator, check_lost_process, full_value, is_sharded, whole
+from .launch import build_accelerator, check_lost_process, full_value, is_sharded, release_reducer, whole
 from .losses import build_objective, image_ssl_dim, init_logit_bias
 from .model import DualEncoder
 from .tracking import build_trackers, flatten, progress_bar
@@ -346,10 +346,8 @@ class Trainer:
         if acc.is_main_process:
             write_json(self.output_dir / METRICS_NAME, metrics)
             acc.print(f"saved the model to {final} and metrics to {self.output_dir / METRICS_NAME}")
-        # Every rank's last collective completes before the group goes: a gloo work still in flight
-        # when the DDP wrapper (which holds the group) is freed made ~1 in 10 two-process runs hang
-        # in ProcessGroupGloo's destructor after the model was saved.
-        acc.wait_for_everyone()
+        acc.wait_for_everyone()  # every rank's last collective is done before the group goes
+        release_reducer(self.model)
         acc.end_training()
         return metrics
 
