@@ -8,6 +8,7 @@ user can cause (a wrong flag, file, key, column or model folder) ends the comman
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import NoReturn
 
@@ -50,3 +51,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{args.parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
+
+
+def run() -> NoReturn:
+    """The `mmcl` executable and `python -m mmcl.cli`: `main`, then exit.
+
+    A process of a multi-process job leaves with `os._exit` once its outputs are written and the
+    process group is destroyed: torch's gloo objects still held at interpreter shutdown (FSDP2's
+    device mesh keeps its groups) were destroyed with their threads running, and a finished job
+    ended in `terminate called without an active exception` (SIGABRT; seen in a CI run) after its
+    model and metrics were saved."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

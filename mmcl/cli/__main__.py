@@ -1,7 +1,5 @@
 """`python -m mmcl.cli ...` (what `torchrun -m mmcl.cli` and `accelerate launch -m mmcl.cli` run)."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()

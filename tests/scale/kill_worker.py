@@ -4,12 +4,11 @@ steps, after writing the time to $MMCL_KILL_STAMP."""
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
 from mmcl import train as train_module
-from mmcl.cli import main
+from mmcl.cli import run
 
 step_once = train_module.Trainer.training_step
 
@@ -22,4 +21,4 @@ def training_step(self, batch):
 
 
 train_module.Trainer.training_step = training_step
-sys.exit(main())
+run()
