@@ -157,7 +157,29 @@ def apply_activation_checkpointing(model: DualEncoder, cfg: ModelConfig) -> None
         if not getattr(tower, "supports_gradient_checkpointing", False):
             raise ConfigError(f"model.{key}_activation_checkpointing: {type(tower).__name__} does not support "
                               "activation checkpointing; set it to false")
-        tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs: dict[str, Any] = {"use_reentrant": False}
+        if cfg.activation_checkpointing_policy == "selective":
+            kwargs["context_fn"] = keep_matmuls
+        tower.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+
+
+def keep_matmuls() -> Any:
+    """Selective activation checkpointing (torch's): in backward, a block's forward runs again, but
+    its matmuls and attention return their kept outputs; the cheap ops (norms, activations, dtype
+    casts, sums) are recomputed. The outputs and the gradients are those without checkpointing."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    kept = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default,
+            aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_cudnn_attention.default}
+
+    def policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def apply_attention(model: DualEncoder, cfg: ModelConfig) -> None:

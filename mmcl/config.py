@@ -73,6 +73,10 @@ class ModelConfig:
     # Activation checkpointing: keep only each block's input, recompute the rest in backward
     text_activation_checkpointing: bool = option(False, "text tower: less activation memory, its forward run twice")
     vision_activation_checkpointing: bool = option(False, "vision tower: less activation memory, its forward run twice")
+    activation_checkpointing_policy: Literal["full", "selective"] = option(
+        "full", "where a tower checkpoints: full keeps only each block's input; selective also keeps its matmul and "
+                "attention outputs and recomputes only norms, activations, casts and sums (less memory saved, "
+                "little time lost)")
     attn_implementation: str | None = option(
         None, "attention kernel of both towers (transformers' attn_implementation): sdpa | eager | ...; empty: the "
               "tower's default (sdpa). On CPU under bf16, eager took half the step time of sdpa (scripts/bench_train.py)")

@@ -11,6 +11,8 @@ module paths). Run from the harness folder, naming this file:
   mmcl_clip_fast : the same towers with the speed options a user sets in the config:
               model.attn_implementation=eager and train.optim=adamw_torch_fused.
   mmcl_clip_lean : mmcl_clip_fast with model.{text,vision}_activation_checkpointing=true.
+  mmcl_clip_selective : mmcl_clip_lean with model.activation_checkpointing_policy=selective (the
+              matmul and attention outputs kept; norms, activations, casts and sums recomputed).
   mmcl_bert : DualEncoder with BERT + ViT towers, mean/cls pooling (what mmcl's quickstart uses).
 All are built by mmcl.build.build_model from a ModelConfig and run mmcl.train.training_step under
 an Accelerator (mixed_precision no|bf16 on CPU = autocast), with mmcl's optimizer (its parameter
@@ -37,8 +39,9 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
     mcfg = ModelConfig(text_config=text_config, vision_config=vision_config, text_pooling=text_pooling,
                        vision_pooling=vision_pooling, projection_dim=arch["embed_dim"],
                        attn_implementation=options.get("attn_implementation"),
-                       text_activation_checkpointing=options.get("checkpointing", False),
-                       vision_activation_checkpointing=options.get("checkpointing", False))
+                       text_activation_checkpointing=bool(options.get("checkpointing")),
+                       vision_activation_checkpointing=bool(options.get("checkpointing")),
+                       activation_checkpointing_policy=options.get("checkpointing") or "full")
     model = build_model(mcfg).train()
     tcfg = TrainConfig(learning_rate=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                        max_grad_norm=None, mixed_precision={"fp32": "no"}.get(precision, precision),
@@ -97,7 +100,13 @@ def build_mmcl_clip_fast(arch, precision):
 def build_mmcl_clip_lean(arch, precision):
     return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
                        "CLIP towers (GELU), mmcl_clip_fast's options and activation checkpointing in both towers",
-                       attn_implementation="eager", optim="adamw_torch_fused", checkpointing=True)
+                       attn_implementation="eager", optim="adamw_torch_fused", checkpointing="full")
+
+
+def build_mmcl_clip_selective(arch, precision):
+    return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
+                       "CLIP towers (GELU), mmcl_clip_fast's options and selective activation checkpointing",
+                       attn_implementation="eager", optim="adamw_torch_fused", checkpointing="selective")
 
 
 def build_mmcl_bert(arch, precision):
@@ -123,5 +132,6 @@ def register(contestants, losses):
     contestants["mmcl_clip"] = build_mmcl_clip
     contestants["mmcl_clip_fast"] = build_mmcl_clip_fast
     contestants["mmcl_clip_lean"] = build_mmcl_clip_lean
+    contestants["mmcl_clip_selective"] = build_mmcl_clip_selective
     contestants["mmcl_bert"] = build_mmcl_bert
     losses["mmcl_loss"] = mmcl_loss_factory

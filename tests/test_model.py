@@ -148,3 +148,40 @@ def test_activation_checkpointing_is_switched_on_per_tower():
                                     vision_activation_checkpointing=True))
     on = lambda tower: [type(m).__name__ for m in tower.modules() if getattr(m, "gradient_checkpointing", False)]
     assert on(model.vision_model) == ["ViTLayer", "ViTLayer"] and on(model.text_model) == []
+
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def matmuls_in_a_step(**checkpointing):
+    """How many matmuls one forward + backward runs (counted at torch's dispatcher), and the gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += func in MATMULS
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(text_config=dict(TEXT), vision_config=dict(VISION), projection_dim=16,
+                                    attn_implementation="eager", **checkpointing)).train()
+    ids = torch.randint(5, 90, (4, 7))
+    with Count():
+        out = model(pixel_values=torch.randn(4, 3, 16, 16), input_ids=ids, attention_mask=torch.ones_like(ids))
+        (out.image_embeds @ out.text_embeds.T).sum().backward()
+    return Count.calls, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_selective_checkpointing_recomputes_no_matmul_and_full_recomputes_them():
+    """Full checkpointing runs each block's forward again in backward; selective keeps the matmul
+    and attention outputs and runs only the cheap ops again. Both give the same gradients."""
+    plain, grads = matmuls_in_a_step()
+    both = dict(text_activation_checkpointing=True, vision_activation_checkpointing=True)
+    full, grads_full = matmuls_in_a_step(**both)
+    selective, grads_selective = matmuls_in_a_step(**both, activation_checkpointing_policy="selective")
+    assert selective == plain < full, (plain, selective, full)
+    assert grads.keys() == grads_full.keys() == grads_selective.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grads_full[name], grad) and torch.equal(grads_selective[name], grad), name
