@@ -157,6 +157,8 @@ class TrainConfig:
     checkpoint_every: int = option(200, "checkpoint every N steps; 0: none in between")
     keep_last: int = option(2, "checkpoints kept")
     resume: str | None = option(None, "'latest' or a checkpoint folder")
+    max_bad_steps: int = option(10, "a non-finite loss or gradient norm skips that update; this many in a row "
+                                    "stop the run (with a checkpoint of the last good state)")
     find_unused_parameters: bool = option(False, "DDP: a tower has parameters its pooling never uses (slower)")
     collective_timeout_s: int = option(1800, "multi-process: a process waits this long for the others in a "
                                              "collective before the job fails (a hung, not dead, process)")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import gather_object, send_to_device, set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
@@ -143,11 +143,19 @@ def load_eval_datasets(config: Config, accelerator: Accelerator) -> dict[str, tu
                 for name, spec in eval_specs(config).items()}
 
 
+class NonFiniteError(RuntimeError):
+    """`train.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
 def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                   max_grad_norm: float | None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """One micro-batch; returns its loss, whether this was an optimizer step (the last
-    micro-batch of an accumulation), and the gradient norm (None where the backend gives none)."""
+    micro-batch of an accumulation), and the gradient norm (None where the backend gives none).
+
+    A non-finite gradient norm (a NaN or Inf loss gives one) skips the update: the norm is of the
+    gradients averaged over every process, so every process skips the same step. Under fp16 the
+    gradient scaler's own step runs instead: it skips the update and lowers the scale."""
     grad_norm, synced = None, False
     with accelerator.accumulate(model):
         loss = loss_fn(model, batch)  # the objective runs the prepared model: DDP's hooks live in its forward
@@ -155,9 +163,15 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: tor
         if accelerator.sync_gradients:
             synced = True
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
-        optimizer.step()
+        if not synced or finite(grad_norm) or accelerator.scaler is not None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), synced, grad_norm
+
+
+def finite(value: torch.Tensor | float | None) -> bool:
+    """None (DeepSpeed steps and clips in its engine) counts as finite."""
+    return value is None or math.isfinite(float(value))
 
 
 class Trainer:
@@ -197,10 +211,12 @@ class Trainer:
         if self.loss_fn.has_state():  # a queue and its momentum copy: checkpointed with the rest
             acc.register_for_checkpointing(self.loss_fn)
         self.skipped = SkipCounter()
-        self.step = 0
+        self.step = self.bad_steps = self.bad_in_a_row = 0
+        self.rows: list[int] = []  # the rows of the optimizer step being taken
         if resume_dir is not None:
             state = ckpt.load(acc, resume_dir, self.skipped, self.stream)
             self.step, self.best = int(state["step"]), state.get("best")
+            self.bad_steps = int(state.get("bad_steps", 0))
             check_geometry(state.get("geometry"), self.geometry(), resume_dir)
         elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
             (self.output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
@@ -213,7 +229,7 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides Accelerate's state."""
-        return {"best": self.best, "geometry": self.geometry()}
+        return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps}
 
     @property
     def unwrapped(self) -> DualEncoder:
@@ -227,6 +243,7 @@ class Trainer:
 
     def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         self.skipped.add(batch.pop("skipped"))
+        self.rows.extend(batch.pop("rows"))
         return training_step(self.accelerator, self.model, self.loss_fn, self.optimizer, batch,
                              self.config.train.max_grad_norm)
 
@@ -237,7 +254,7 @@ class Trainer:
                 yield send_to_device(batch, self.accelerator.device)
             return
         accum = self.config.train.gradient_accumulation_steps
-        epoch, done = divmod(self.step, self.steps_per_epoch)
+        epoch, done = divmod(self.step + self.bad_steps, self.steps_per_epoch)  # a skipped update read its batch
         while True:
             self.loader.set_epoch(epoch)
             self.loader.dataset.set_epoch(epoch)
@@ -292,13 +309,21 @@ class Trainer:
         acc.init_trackers("mmcl", config=flatten(scrub_secrets(self.config.to_dict())))
         bar = progress_bar(tcfg, acc, initial=self.step)
         window_loss, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
+        step_loss = torch.zeros((), device=acc.device)
         start = time.perf_counter()
         batches = self.batches()
         while self.step < tcfg.max_steps:
             loss, synced, grad_norm = self.training_step(next(batches))
-            window_loss += loss.float() / tcfg.gradient_accumulation_steps  # no .item(): no device sync
+            step_loss += loss.float() / tcfg.gradient_accumulation_steps  # no .item(): no device sync
             if not synced:
                 continue
+            if not finite(grad_norm):
+                self.skip_update(step_loss, grad_norm)
+                step_loss = torch.zeros((), device=acc.device)
+                continue
+            window_loss += step_loss
+            step_loss = torch.zeros((), device=acc.device)
+            self.rows, self.bad_in_a_row = [], 0
             with whole([self.unwrapped.logit_scale], modify=True):
                 self.unwrapped.clamp_logit_scale()
             self.scheduler.step()
@@ -321,6 +346,27 @@ class Trainer:
         bar.close()
         return self.finish(time.perf_counter() - start)
 
+    def skip_update(self, loss: torch.Tensor, grad_norm: Any) -> None:
+        """The optimizer step just taken had a non-finite gradient norm and was skipped (see
+        `training_step`): no scheduler step either. Say which rows it read; after
+        `train.max_bad_steps` in a row, checkpoint the last good state and stop."""
+        acc, tcfg = self.accelerator, self.config.train
+        self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
+        rows = sorted(row for part in gather_object([self.rows]) for row in part)
+        self.rows = []
+        loss = acc.reduce(loss.detach().clone(), reduction="mean").item()
+        shown = ", ".join(map(str, rows[:32])) + (f", ... ({len(rows)} rows)" if len(rows) > 32 else "")
+        acc.print(f"step {self.step + 1}: non-finite loss {loss:.4g} / gradient norm {float(grad_norm):.4g}; update "
+                  f"skipped (bad batch {self.bad_in_a_row} in a row, {self.bad_steps} in all); rows {shown}")
+        acc.log({"train/bad_steps": float(self.bad_steps)}, step=self.step)
+        if self.bad_in_a_row < tcfg.max_bad_steps:
+            return
+        folder = ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state())
+        raise NonFiniteError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                             f"(train.max_bad_steps={tcfg.max_bad_steps}); saved the last good state (step {self.step}) "
+                             f"to {folder}. Lower train.learning_rate, or look at the rows above; "
+                             "--train.resume=latest continues after these batches")
+
     def health(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, steps: int, elapsed: float) -> dict[str, float]:
         """Cheap signals logged every `log_every` steps, averaged over processes where it matters."""
         acc, tcfg = self.accelerator, self.config.train
@@ -337,7 +383,7 @@ class Trainer:
             self.stream.close()
         metrics = self.evaluate(final=True)
         skipped = ckpt.gather_skipped(self.skipped)
-        metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s,
+        metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s, "train/bad_steps": float(self.bad_steps),
                         "train/skipped_images": float(len(skipped.rows))})
         if skipped.rows:
             acc.print(skipped.summary())

@@ -33,6 +33,20 @@ def small_emoji(emoji_cache, tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def small_tokenizer(small_emoji, tmp_path_factory) -> Path:
+    """One WordPiece tokenizer of `small_emoji`'s captions for runs that are compared: each run
+    training its own may break ties differently (another vocabulary)."""
+    from datasets import load_from_disk
+
+    from mmcl.build import train_wordpiece
+    from mmcl.data.pairs import iter_captions
+
+    path = tmp_path_factory.mktemp("tokenizer") / "wordpiece500"
+    train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(path)
+    return path
+
+
 def save_tiny_model(folder: Path, words: str, vocab_size: int = 120) -> Path:
     """A random tiny mmcl model folder (BERT + ViT towers of tests/test_model.py, 16 px images),
     with a WordPiece tokenizer trained on `words` and an image processor beside it."""

@@ -114,16 +114,9 @@ SPEED_OPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def plain_run(tmp_path_factory, emoji_cache, small_emoji):
+def plain_run(tmp_path_factory, emoji_cache, small_emoji, small_tokenizer):
     """4 steps with none of the options (one text block trainable in a locked text tower)."""
-    from datasets import load_from_disk
-
-    from mmcl.build import train_wordpiece
-    from mmcl.data.pairs import iter_captions
-
-    root = tmp_path_factory.mktemp("speed_options")
-    tokenizer = root / "tokenizer"  # one tokenizer for all runs: WordPiece training may break ties differently
-    train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)
+    root, tokenizer = tmp_path_factory.mktemp("speed_options"), small_tokenizer
     common = (f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=4",
               "--train.checkpoint_every=0", f"--model.tokenizer={tokenizer}", "--model.lock_text=true",
               "--model.unlock_text_layers=1")

@@ -160,6 +160,7 @@ class PairCollator:
             batch["negative_text_ids"] = torch.tensor([[stable_id(c.encode("utf-8")) for c in row] for row in negatives],
                                                       dtype=torch.long)
         batch["skipped"] = [s for it in items for s in it["skipped"]]
+        batch["rows"] = [it["row"] for it in items]  # named when the batch gives a non-finite loss
         return batch
 
 

@@ -112,19 +112,6 @@ def assert_same_steps(a, b, what):
     return worst
 
 
-@pytest.fixture(scope="module")
-def tokenizer(small_emoji, tmp_path_factory):
-    """One tokenizer for every run: WordPiece training is not deterministic across processes."""
-    from datasets import load_from_disk
-
-    from mmcl.build import train_wordpiece
-    from mmcl.data.pairs import iter_captions
-
-    path = tmp_path_factory.mktemp("scale") / "tokenizer"
-    train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(path)
-    return path
-
-
 def initial_weights(tokenizer, *overrides):
     """The weights a run starts from (the Trainer seeds, then builds the model)."""
     from accelerate.utils import set_seed
@@ -147,10 +134,10 @@ EVAL = ("--data.validation={small}", "--data.max_validation_samples=48", "--trai
 
 
 def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process_and_resumes_exactly(tmp_path, emoji_cache, small_emoji,
-                                                                             tokenizer):
+                                                                             small_tokenizer):
     evals = [e.format(small=small_emoji) for e in EVAL]
-    args = lambda out, batch, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, tokenizer, batch, *LIT,
-                                                 *evals, *extra)
+    args = lambda out, batch, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, small_tokenizer, batch,
+                                                 *LIT, *evals, *extra)
     launch([sys.executable, "-m", *args("one", 32)])
     launch(accelerate("multi_gpu_cpu.yaml", free_port(), args("ddp", 16)))
     launch(accelerate("fsdp2_cpu.yaml", free_port(), args("fsdp", 16)))
@@ -169,7 +156,7 @@ def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process_and_resumes_exactly(tmp
     assert not (step3 / "model.safetensors").exists()
 
     # LiT: the locked text layers did not move, the unlocked last one and the vision tower did
-    start, end = initial_weights(tokenizer, *LIT), final(tmp_path / "fsdp")
+    start, end = initial_weights(small_tokenizer, *LIT), final(tmp_path / "fsdp")
     moved = {n for n in end if (end[n] - start[n].reshape(end[n].shape)).abs().max() > 1e-6}
     assert "text_model.encoder.layer.0.attention.self.query.weight" not in moved
     assert "text_model.embeddings.word_embeddings.weight" not in moved
@@ -190,8 +177,8 @@ def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process_and_resumes_exactly(tmp
 
 
 def test_two_nodes_equal_one_node_and_a_lost_process_is_named_and_resumed(tmp_path, emoji_cache, small_emoji,
-                                                                          tokenizer):
-    args = lambda out, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, tokenizer, 16, *extra)
+                                                                          small_tokenizer):
+    args = lambda out, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, small_tokenizer, 16, *extra)
     launch(torchrun(args("one-node"), free_port()))
     codes, outs = two_nodes(free_port(), ["-m", *args("two-nodes")])
     assert codes == [0, 0], outs
