@@ -15,10 +15,13 @@ A run folder (`train.output_dir`):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +42,7 @@ METRICS_NAME = "metrics.json"
 CHECKPOINTS_DIR, PROCESSOR_DIR, LOGS_DIR = "checkpoints", "processor", "logs"
 FINAL_DIR, BEST_DIR, EXPORT_DIR = "final", "best", "export"
 LOG_NAME = "metrics.jsonl"
+LOCK_NAME = ".mmcl-run.lock"  # held by the run writing the folder: its pid, host and start
 
 
 # --- atomic folders --------------------------------------------------------------------------------
@@ -83,6 +87,51 @@ def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- one run per folder ----------------------------------------------------------------------------
+class RunLock:
+    """One live run per output folder: an exclusive `flock` on `<folder>/.mmcl-run.lock`, held for
+    the run's life, and the owner's pid, host and start written in it. The kernel drops the lock
+    when its process dies, however it dies, so a lock left by a killed run is stale: it is taken
+    over (`acquire` returns a warning that says whose it was)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FileExistsError(f"{self.path.parent} is in use by another run ({self._owner()}); wait for it "
+                                      "to end, or choose another train.output_dir") from None
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the holder released and removed the file meanwhile: lock the new one
+        previous = self._owner()
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        return f"took over the lock of a run that is gone ({previous})" if previous != "unknown" else None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # before unlocking: a waiter re-checks the file it locked
+            os.close(self.fd)
+            self.fd = None
+
+    def _owner(self) -> str:
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+            return f"pid {owner['pid']} on {owner['host']} since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unknown"
 
 
 # --- secrets ---------------------------------------------------------------------------------------

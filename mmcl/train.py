@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, send_to_device, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from . import checkpoint as ckpt
-from .artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, PROCESSOR_DIR, scrub_secrets, write_json
+from .artifacts import (BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, PROCESSOR_DIR, RunLock, scrub_secrets,
+                        write_json)
 from .build import build_image_processor, build_model, build_tokenizer, fit_text_config
 from .config import Config, ConfigError, DataConfig, EvalSpec, TrainConfig
 from .data.augment import Augment
@@ -177,10 +178,11 @@ def finite(value: torch.Tensor | float | None) -> bool:
 class Trainer:
     """Holds what the loop needs; `train()` below is the entry point."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, lock: RunLock) -> None:
         self.config, tcfg = config, config.train
         self.output_dir = Path(tcfg.output_dir)
         self.accelerator = acc = build_accelerator(tcfg, build_trackers(tcfg.report_to, self.output_dir))
+        claim(lock, acc)
         check_sharding(config, acc)
         set_seed(tcfg.seed)
         self.train_ds = load_train_dataset(config, acc)
@@ -419,15 +421,35 @@ def check_sharding(config: Config, acc: Accelerator) -> None:
                           "DeepSpeed set loss.momentum=0 (a queue of the model's own embeddings) or use DDP")
 
 
+def claim(lock: RunLock, acc: Accelerator) -> None:
+    """The main process locks the output folder; when another run holds it, every process stops."""
+    outcome = [None, None]  # (the error, a warning)
+    if acc.is_main_process:
+        try:
+            outcome = [None, lock.acquire()]
+        except FileExistsError as error:
+            outcome = [str(error), None]
+    error, warning = broadcast_object_list(outcome)
+    if error:
+        raise FileExistsError(error)
+    if warning:
+        acc.print(f"warning: {warning}")
+
+
 def train(config: Config) -> dict[str, float]:
     """Train the model `config` describes; returns the final metrics (also in metrics.json).
     `mmcl.publish.publish_run` then exports (and pushes) the final model, as `mmcl train` does.
 
-    When another process of the job is lost (killed, out of memory, its node gone), this one raises
-    a `mmcl.launch.LostProcessError` naming it, within seconds, instead of waiting on it."""
-    trainer = Trainer(config)
+    Another live run writing to the same `train.output_dir` is refused (`RunLock`). When another
+    process of the job is lost (killed, out of memory, its node gone), this one raises a
+    `mmcl.launch.LostProcessError` naming it, within seconds, instead of waiting on it."""
+    lock = RunLock(config.train.output_dir)
     try:
-        return trainer.run()
-    except RuntimeError as error:
-        check_lost_process(trainer.accelerator, trainer.step, error)
-        raise
+        trainer = Trainer(config, lock)
+        try:
+            return trainer.run()
+        except RuntimeError as error:
+            check_lost_process(trainer.accelerator, trainer.step, error)
+            raise
+    finally:
+        lock.release()
