@@ -20,6 +20,16 @@ from .config import Config, ConfigError
 from .data.pairs import SkipCounter, Skipped
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+# Settings a resume may change: where and how often to log, evaluate, checkpoint and publish; how
+# long to train; and the options that take the same steps (tests/test_train.py SPEED_OPTIONS).
+# Any other change (model, loss, data, optimizer, batch) would make another run: it is refused.
+RESUMABLE_CHANGES = ("train.output_dir", "train.resume", "train.log_every", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_last", "train.report_to", "train.progress_bar",
+                     "train.collective_timeout_s", "train.max_bad_steps", "train.max_steps", "train.optim",
+                     "model.attn_implementation", "model.text_activation_checkpointing",
+                     "model.vision_activation_checkpointing", "model.activation_checkpointing_policy",
+                     "data.validation", "data.max_validation_samples", "data.num_workers", "data.cache_dir",
+                     "eval.", "hub.")
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -43,6 +53,20 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         raise ConfigError(f"train.resume: {path} is not a complete mmcl checkpoint (no {STATE_NAME}); "
                           f"complete ones: {[str(p) for p in checkpoints(output_dir)] or 'none'}")
     return path
+
+
+def check_config(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path) -> None:
+    """Refuse a resume whose settings (flat `section.key` dicts) differ from the checkpoint's in a
+    way that changes the result, listing every such key; see RESUMABLE_CHANGES."""
+    if saved is None:  # a checkpoint from before configs were kept in them
+        return
+    changed = sorted(key for key in saved.keys() | now.keys()
+                     if saved.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES))
+    if changed:
+        raise ConfigError(f"train.resume: {folder} was saved with other settings, and these change what the run "
+                          f"computes: {'; '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}. "
+                          "Resume with the saved values, or start a new run in another train.output_dir "
+                          "(logging, evaluation, checkpoint and publishing settings and train.max_steps may change)")
 
 
 def gather_skipped(skipped: SkipCounter) -> SkipCounter:
@@ -91,13 +115,18 @@ def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: A
                               f"{accelerator.process_index} (was it saved with another number of processes?)")
         with open(path, encoding="utf-8") as f:
             stream.load_state_dict(json.load(f))
-    with open(folder / STATE_NAME, encoding="utf-8") as f:
-        state = json.load(f)
+    state = read_state(folder)
     skipped.rows.update(state["skipped_rows"])
     skipped.examples.extend(Skipped(**s) for s in state["skipped_examples"])
     accelerator.print(f"resumed from {folder} at step {state['step']}")
     set_aside_newer(folder, int(state["step"]), accelerator)
     return state
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """What mmcl keeps in a checkpoint besides Accelerate's state (step, config, ...)."""
+    with open(folder / STATE_NAME, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def set_aside_newer(folder: Path, step: int, accelerator: Accelerator) -> None:

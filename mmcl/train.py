@@ -216,10 +216,12 @@ class Trainer:
         self.step = self.bad_steps = self.bad_in_a_row = 0
         self.rows: list[int] = []  # the rows of the optimizer step being taken
         if resume_dir is not None:
+            saved = ckpt.read_state(resume_dir)  # checked before anything is loaded or set aside
+            check_geometry(saved.get("geometry"), self.geometry(), resume_dir)
+            ckpt.check_config(saved.get("config"), self.flat_config(), resume_dir)
             state = ckpt.load(acc, resume_dir, self.skipped, self.stream)
             self.step, self.best = int(state["step"]), state.get("best")
             self.bad_steps = int(state.get("bad_steps", 0))
-            check_geometry(state.get("geometry"), self.geometry(), resume_dir)
         elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
             (self.output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
 
@@ -231,7 +233,11 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides Accelerate's state."""
-        return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps}
+        return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps,
+                "config": self.flat_config()}
+
+    def flat_config(self) -> dict[str, Any]:
+        return flatten(scrub_secrets(self.config.to_dict()))
 
     @property
     def unwrapped(self) -> DualEncoder:
@@ -308,7 +314,7 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         tcfg, acc = self.config.train, self.accelerator
-        acc.init_trackers("mmcl", config=flatten(scrub_secrets(self.config.to_dict())))
+        acc.init_trackers("mmcl", config=self.flat_config())
         bar = progress_bar(tcfg, acc, initial=self.step)
         window_loss, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
         step_loss = torch.zeros((), device=acc.device)
