@@ -111,6 +111,8 @@ class DataConfig:
     image_column: str = option("image", "the column holding images (or paths to them)")
     caption_column: str = option("caption", "the column holding captions (a string or a list)")
     num_workers: int = option(0, "processes decoding images (threads when streaming); 0: the main process")
+    max_image_bytes: int = option(64 * 2**20, "an image file larger than this is skipped unread (as a corrupt "
+                                              "one); only regular files are read, never pipes or devices")
     streaming: bool = option(False, "stream `train` (WebDataset shards, a Hub dataset, parquet/jsonl)")
     shuffle_buffer: int = option(1000, "streaming: examples in the shuffle buffer")
     cache_dir: str | None = option(None, "where built-in datasets are cached; default ~/.cache/mmcl")

@@ -90,7 +90,8 @@ def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_proc
     data, tcfg = config.data, config.train
     dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
                           seed=tcfg.seed, augment=build_augment(data),
-                          negative_column=config.loss.hard_negative_column, views=build_views(config))
+                          negative_column=config.loss.hard_negative_column, views=build_views(config),
+                          max_image_bytes=data.max_image_bytes)
     collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
     if data.batch_sampler == "cluster":  # each batch from a few clusters: hard in-batch negatives
         labels = cluster_labels(train_ds, data.image_column, data.cluster_model, data.num_clusters, tcfg.seed,

@@ -6,18 +6,30 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from pathlib import Path
+import stat
 from typing import Any
 
 from PIL import Image
 
+MAX_IMAGE_BYTES = 64 * 2**20  # data.max_image_bytes' default
+FILE_KINDS = {stat.S_IFIFO: "a named pipe", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
 
-def read_image_bytes(value: Any) -> bytes | None:
+
+class NotARegularFile(OSError):
+    """A path to a named pipe, a device, a directory or a socket: never opened for reading."""
+
+
+class FileTooLarge(ValueError):
+    """A file over `data.max_image_bytes`: not read."""
+
+
+def read_image_bytes(value: Any, max_bytes: int = MAX_IMAGE_BYTES) -> bytes | None:
     """The encoded bytes of an image cell (path or {"bytes", "path"} dict); None for a PIL image."""
     if isinstance(value, dict):
-        return value.get("bytes") or Path(value["path"]).read_bytes()
+        return value.get("bytes") or read_file(value["path"], max_bytes)
     if isinstance(value, (str, os.PathLike)):
-        return Path(value).read_bytes()
+        return read_file(value, max_bytes)
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, Image.Image):
@@ -25,7 +37,28 @@ def read_image_bytes(value: Any) -> bytes | None:
     raise ValueError(f"not an image: {type(value).__name__}")
 
 
-def load_image(value: Any, min_size: int | None = None) -> Image.Image:
+def read_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`. Anything else raises at once, unread: a
+    named pipe (opened without waiting for a writer), a device such as /dev/zero, a directory, a
+    larger file (`data.max_image_bytes`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a file")
+            raise NotARegularFile(f"{path} is {kind}, not a regular file: only regular files are read")
+        if info.st_size > max_bytes:
+            raise FileTooLarge(f"{path} has {info.st_size} bytes, over data.max_image_bytes ({max_bytes}): not read")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise FileTooLarge(f"{path} grew over data.max_image_bytes ({max_bytes}) while read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def load_image(value: Any, min_size: int | None = None, max_bytes: int = MAX_IMAGE_BYTES) -> Image.Image:
     """An image cell (path, {"bytes", "path"} dict, encoded bytes or PIL image) -> an RGB image.
 
     Transparent images are composited on white (emoji, logos); grayscale, palette, CMYK and
@@ -34,7 +67,7 @@ def load_image(value: Any, min_size: int | None = None) -> Image.Image:
     decoded at a reduced scale (1/2, 1/4, 1/8: Pillow's draft mode), never below `min_size` px
     on its shorter side: the processor resizes it anyway, and decoding is the costly part.
     """
-    data = read_image_bytes(value)
+    data = read_image_bytes(value, max_bytes)
     image = value if data is None else Image.open(io.BytesIO(data))  # reads the header only
     limit = Image.MAX_IMAGE_PIXELS
     if limit and image.size[0] * image.size[1] > limit:

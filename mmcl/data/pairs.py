@@ -12,23 +12,25 @@ from typing import Any, Iterator, NamedTuple
 import datasets
 import torch
 
-from .images import describe, load_image, processor_min_size, read_image_bytes, stable_id
+from .images import MAX_IMAGE_BYTES, describe, load_image, processor_min_size, read_image_bytes, stable_id
 
 
 def make_pair(cell: Any, caption_cell: Any, image_processor: Any, seed_key: str, augment: Any = None,
-              min_size: int | None = None, fallback_id: bytes = b"", views: Any = None) -> dict[str, Any]:
+              min_size: int | None = None, fallback_id: bytes = b"", views: Any = None,
+              max_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
     """One training example from an image cell and a caption cell (raises if either is unusable).
 
     The randomness (augmentation, which caption of several) comes from `seed_key`, so it does not
     depend on workers or processes. `image_id` hashes the image bytes (`fallback_id` for an
     in-memory image): the same file in two rows is one image, and ClipLoss masks twins.
     `views` (an augmentation): also two augmented views of the image, for SLIP's term.
+    `max_bytes`: a larger image file is not read (`data.max_image_bytes`).
     """
     captions = caption_list(caption_cell)
     if not captions:
         raise ValueError(f"empty or non-text caption {caption_cell!r}")
     rng = random.Random(zlib.crc32(seed_key.encode()))
-    data = read_image_bytes(cell)
+    data = read_image_bytes(cell, max_bytes)
     image = load_image(cell if data is None else data, min_size)
     decoded = image
     if augment is not None:
@@ -90,13 +92,15 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str,
                  image_processor: Any, seed: int = 0, max_tries: int = 64, augment: Any = None,
-                 negative_column: str | None = None, views: Any = None) -> None:
+                 negative_column: str | None = None, views: Any = None,
+                 max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
         self.views = views  # SLIP: the augmentation of each image's two extra views, or None
         self.negative_column = negative_column  # each row's hard-negative captions (a list), or None
         self.image_processor, self.seed, self.epoch, self.max_tries = image_processor, seed, 0, max_tries
         self.augment = augment  # (PIL image, random.Random) -> PIL image, or None
         self.min_size = processor_min_size(image_processor)
+        self.max_image_bytes = max_image_bytes
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -108,7 +112,7 @@ class PairDataset(torch.utils.data.Dataset):
         example = self.ds[row]
         item = make_pair(example[self.image_column], example[self.caption_column], self.image_processor,
                          f"{self.seed}/{self.epoch}/{row}", self.augment, self.min_size, f"row:{row}".encode(),
-                         self.views)
+                         self.views, self.max_image_bytes)
         if self.negative_column:
             item["negatives"] = caption_list(example[self.negative_column])
         return {**item, "row": row}

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from .images import describe, load_image, read_image_bytes, stable_id
+from .images import FileTooLarge, NotARegularFile, describe, load_image, read_image_bytes, stable_id
 from .pairs import caption_list
 
 
@@ -23,7 +23,8 @@ class ImageInfo:
 
     row: int
     source: str  # the file path, or "<bytes>" for an embedded image
-    kind: str = ""  # missing, unreadable, zero-byte, not an image, truncated, decompression bomb, corrupt
+    kind: str = ""  # missing, unreadable, not a regular file, too large, zero-byte, not an image, truncated,
+    #                 decompression bomb, corrupt
     reason: str = ""
     width: int = 0
     height: int = 0
@@ -35,8 +36,12 @@ class ImageInfo:
 
 def _read_problem(err: Exception) -> str:
     """Why the bytes of an image cell could not be read."""
+    if isinstance(err, NotARegularFile):
+        return "not a regular file"  # a named pipe, a device such as /dev/zero
+    if isinstance(err, FileTooLarge):
+        return "too large"
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
-        return "unreadable"  # a directory, no permission
+        return "unreadable"  # no permission
     return "missing"  # no such file, or an empty cell
 
 

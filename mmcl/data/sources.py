@@ -11,7 +11,9 @@ Images are left undecoded: training and evaluation decode them lazily and skip t
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -133,12 +135,69 @@ def _load(source: SourceSpec, cache_dir: str | None, emoji_image_size: int) -> d
         case "file":
             path = Path(name)
             kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-            ds = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=name, split="train", **kwargs)
+            try:
+                ds = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=name, split="train", **kwargs)
+            except (ValueError, datasets.exceptions.DatasetGenerationError) as err:
+                where = first_bad_line(path)
+                if where is None:
+                    raise
+                fix = "fix or remove that line" if where.startswith("line") else "write the file again"
+                raise ConfigError(f"{path}, {where}: {fix}") from err
             return _resolve_paths(ds, source.image_column, path.resolve().parent)
         case "webdataset":
             raise ConfigError(f"{name}: WebDataset shards are read as a stream; set data.streaming: true")
         case _:
             return datasets.load_dataset(name, source.dataset_config, split=split)
+
+
+def first_bad_line(path: Path) -> str | None:
+    """Where a table file that datasets could not read goes wrong: "line N: why" (a csv / tsv row
+    with another number of fields than the header, a quote never closed, a JSON line that does not
+    parse or is not an object), "not a parquet file (why)", or None when no line is at fault."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.ParquetFile(path)
+        except Exception as err:  # pyarrow's words for a damaged or foreign file
+            return f"not a readable parquet file ({err})"
+        return None
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        if suffix in (".json", ".jsonl"):
+            return _bad_json_line(f) if suffix == ".jsonl" or not _is_one_document(path) else None
+        reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+        header, start = next(reader, []), 2
+        try:
+            for row in reader:
+                if row and len(row) != len(header):
+                    return f"line {start}: {len(row)} fields where the header has {len(header)}"
+                start = reader.line_num + 1
+        except csv.Error as err:
+            return f"line {start}: {err} (a quote opened there is never closed?)"
+    return None
+
+
+def _bad_json_line(lines: Any) -> str | None:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            return f"line {number}: not valid JSON ({err.msg} at column {err.pos + 1})"
+        if not isinstance(value, dict):
+            return f"line {number}: a JSON {type(value).__name__}, where each line must be an object of columns"
+    return None
+
+
+def _is_one_document(path: Path) -> bool:
+    """A .json file holding one JSON document (a list of rows, or columns), not JSON lines."""
+    try:
+        json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def require_columns(ds: datasets.Dataset, source: SourceSpec, needed: dict[str, str]) -> datasets.Dataset:

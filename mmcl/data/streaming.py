@@ -85,7 +85,7 @@ class StreamingPairs:
         try:
             cell, caption_cell = pair_of(example, self.cfg)
             pair = make_pair(cell, caption_cell, self.image_processor, f"{self.seed}/{epoch}/{key}", self.augment,
-                             self.min_size, key.encode(), self.views)
+                             self.min_size, key.encode(), self.views, self.cfg.max_image_bytes)
             if self.negative_column:
                 pair["negatives"] = caption_list(example.get(self.negative_column))
         except Exception as err:  # a bad example is skipped and counted, never a crash

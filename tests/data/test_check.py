@@ -187,7 +187,7 @@ def test_missing_column_and_all_bad_rows_cannot_train(tmp_path):
                               f"{spec}: no column 'caption' (data.caption_column); columns are: file, text"]
     report = check_data(SourceSpec(spec, image_column="file", caption_column="text"))
     assert not report.can_train and report.trainable_rows == 0
-    assert report.bad_image_kinds == {"zero-byte": 1, "missing": 1, "unreadable": 1}
+    assert report.bad_image_kinds == {"zero-byte": 1, "missing": 1, "not a regular file": 1}  # the folder
     assert "no row has both a readable image and a caption" in report.errors[0]
     assert report.summary().endswith("verdict: CANNOT TRAIN")
     nothing = check_data(SourceSpec(str(tmp_path / "nope.csv")))
