@@ -15,6 +15,7 @@ A run folder (`train.output_dir`):
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -87,6 +88,37 @@ def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or model folder could not be written: a full disk, a quota, a read-only or
+    unwritable folder. What was there before is intact (every folder is written aside first)."""
+
+
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@contextmanager
+def explain_write_errors(final: Path, need_bytes: int, intact: Path | None = None) -> Iterator[None]:
+    """Turn a full disk or an unwritable folder met while writing `final` into a `SaveError` that
+    names the path, the bytes needed (about `need_bytes`) and free, and the folder left intact."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in FULL_OR_READ_ONLY:
+            raise
+        base = final
+        while not base.exists() and base != base.parent:
+            base = base.parent
+        free = shutil.disk_usage(base).free
+        kept = f"; {intact} is intact" if intact is not None and intact.exists() else ""
+        raise SaveError(f"could not write {final}: {err.strerror} ({err.filename or final}); it needs about "
+                        f"{need_bytes:,} bytes and {free:,} are free there{kept}. Free space or choose another "
+                        "train.output_dir, then continue with --train.resume=latest") from err
 
 
 # --- one run per folder ----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, replace_dir, save_training_config,
-                        staging_dir, write_json)
+from .artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, SaveError, atomic_dir, explain_write_errors,
+                        folder_bytes, replace_dir, save_training_config, staging_dir, write_json)
 from .config import Config, ConfigError
 from .data.pairs import SkipCounter, Skipped
 
@@ -79,26 +79,35 @@ def gather_skipped(skipped: SkipCounter) -> SkipCounter:
 
 
 def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter,
-         stream: Any = None, extra: dict[str, Any] | None = None) -> Path:
+         stream: Any = None, extra: dict[str, Any] | None = None, size_hint: int = 0) -> Path:
     """Write the full training state (model, optimizer, scheduler, RNG, every process's skipped
-    rows and position in a training stream, and `extra`) at `step`, atomically."""
+    rows and position in a training stream, and `extra`) at `step`, atomically. A full disk or an
+    unwritable folder raises `SaveError`, naming the bytes needed (the last checkpoint's size, else
+    `size_hint`), and leaves the earlier checkpoints as they were."""
     skipped = gather_skipped(skipped)
     final = output_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
     tmp = staging_dir(final)  # written by every process, renamed into place by the main one
+    previous = (checkpoints(output_dir) or [None])[-1]
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if stream is not None:  # every process is at its own place in the stream
-        with open(tmp / f"stream_state_{accelerator.process_index}.json", "w", encoding="utf-8") as f:
-            json.dump(stream.state_dict(), f)
-    accelerator.wait_for_everyone()
+    try:
+        with explain_write_errors(final, folder_bytes(previous) if previous else size_hint, previous):
+            accelerator.save_state(str(tmp))
+            if stream is not None:  # every process is at its own place in the stream
+                with open(tmp / f"stream_state_{accelerator.process_index}.json", "w", encoding="utf-8") as f:
+                    json.dump(stream.state_dict(), f)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {"step": step, "skipped_rows": sorted(skipped.rows),
+                         "skipped_examples": [s._asdict() for s in skipped.examples], **(extra or {})}
+                with open(tmp / STATE_NAME, "w", encoding="utf-8") as f:
+                    json.dump(state, f)  # written last: its presence marks the checkpoint complete
+                replace_dir(tmp, final)
+    except SaveError:
+        shutil.rmtree(tmp, ignore_errors=True)  # the space it took is given back
+        raise
     if accelerator.is_main_process:
-        state = {"step": step, "skipped_rows": sorted(skipped.rows),
-                 "skipped_examples": [s._asdict() for s in skipped.examples], **(extra or {})}
-        with open(tmp / STATE_NAME, "w", encoding="utf-8") as f:
-            json.dump(state, f)  # written last: its presence marks the checkpoint complete
-        replace_dir(tmp, final)
         for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -143,8 +152,10 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config,
                info: dict[str, Any] | None = None, state_dict: dict[str, Any] | None = None) -> None:
     """The trained model with its tokenizer, image processor and resolved config, atomically;
     `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`; `state_dict`: the
-    full weights gathered from a sharded `model` (`accelerator.get_state_dict`)."""
-    with atomic_dir(final) as tmp:
+    full weights gathered from a sharded `model` (`accelerator.get_state_dict`). A full disk or an
+    unwritable folder raises `SaveError`; an earlier `final` stays as it was."""
+    weights = sum(t.numel() * t.element_size() for t in (state_dict or model.state_dict()).values())
+    with explain_write_errors(final, weights, final), atomic_dir(final) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)

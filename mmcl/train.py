@@ -237,6 +237,11 @@ class Trainer:
         return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps,
                 "config": self.flat_config()}
 
+    def state_bytes(self) -> int:
+        """About what a checkpoint takes: the weights and AdamW's two moments of the trained ones."""
+        params = list(self.unwrapped.parameters())
+        return sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in params)
+
     def flat_config(self) -> dict[str, Any]:
         return flatten(scrub_secrets(self.config.to_dict()))
 
@@ -349,7 +354,8 @@ class Trainer:
             if self.step < tcfg.max_steps:
                 self.evaluate()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
-                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state())
+                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state(),
+                          self.state_bytes())
             if self.step % tcfg.log_every == 0:  # evaluation and checkpoint time is not training time
                 window_start = time.perf_counter()
         bar.close()
@@ -370,7 +376,8 @@ class Trainer:
         acc.log({"train/bad_steps": float(self.bad_steps)}, step=self.step)
         if self.bad_in_a_row < tcfg.max_bad_steps:
             return
-        folder = ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state())
+        folder = ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state(),
+                           self.state_bytes())
         raise NonFiniteError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
                              f"(train.max_bad_steps={tcfg.max_bad_steps}); saved the last good state (step {self.step}) "
                              f"to {folder}. Lower train.learning_rate, or look at the rows above; "

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ not in ("LostProcessError", "NonFiniteError"):  # mmcl's; not imported: they pull in torch
+        if type(err).__name__ not in ("LostProcessError", "NonFiniteError", "SaveError"):  # mmcl's (not imported here)
             raise
         print(f"{args.parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
