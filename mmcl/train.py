@@ -139,10 +139,14 @@ def eval_specs(config: Config) -> dict[str, EvalSpec]:
 
 def load_eval_datasets(config: Config, accelerator: Accelerator) -> dict[str, tuple[EvalSpec, Any]]:
     """Every evaluation's data, loaded at start so that a bad column fails before training."""
-    data = config.data
+    data, specs = config.data, eval_specs(config)
+    if any(spec.confusion_matrix for spec in specs.values()):
+        from .evaluation.plots import pyplot
+
+        pyplot()  # matplotlib is there, before training starts
     with accelerator.main_process_first():
         return {name: (spec, load_eval_dataset(spec, data.cache_dir, data.emoji_image_size))
-                for name, spec in eval_specs(config).items()}
+                for name, spec in specs.items()}
 
 
 class NonFiniteError(RuntimeError):

@@ -3,6 +3,7 @@
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,17 @@ def save_tiny_model(folder: Path, words: str, vocab_size: int = 120) -> Path:
 
 def python() -> str:
     return sys.executable
+
+
+@contextmanager
+def one_thread():
+    """In-process work with one intra-op thread, as a subprocess launched with OMP_NUM_THREADS=1:
+    the same kernels, so the same float sums (a launch's result can be compared exactly)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

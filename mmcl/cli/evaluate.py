@@ -1,4 +1,4 @@
-"""`mmcl eval MODEL --dataset SPEC --task zero_shot|retrieval ...`."""
+"""`mmcl eval MODEL --dataset SPEC --task zero_shot|retrieval ...` and `mmcl plot RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     spec = build_section(EvalSpec, {k: v for k, v in given.items() if v is not None}, "eval")
     if not spec.dataset:
         args.parser.error("the following arguments are required: --dataset")
+    if spec.confusion_matrix:
+        from ..evaluation.plots import pyplot
+
+        pyplot()  # matplotlib is there, before the evaluation runs
     cfg = build_section(EvalConfig, {"batch_size": args.batch_size, "chunk_size": args.chunk_size,
                                      "retrieval_ks": args.ks}, "eval")
     from accelerate import PartialState
@@ -59,3 +63,22 @@ def register(sub: Any) -> None:
     parser.add_argument("--cache-dir", default=None, help="where built-in datasets are cached")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.set_defaults(func=run, parser=parser)
+    plot = sub.add_parser("plot", help="draw a run's training curves and evaluation metrics into one PNG",
+                          description="mmcl plot RUN_DIR [--output PNG]: loss, learning rate, temperature, "
+                                      "gradient norm, samples/s and every evaluation metric against the step, from "
+                                      "RUN_DIR/logs/metrics.jsonl. Needs matplotlib (pip install \"mmcl[plot]\").")
+    plot.add_argument("run_dir", help="a train.output_dir")
+    plot.add_argument("--output", default=None, help="the PNG (default: RUN_DIR/training_curves.png)")
+    plot.set_defaults(func=plot_run, parser=plot)
+
+
+def plot_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from ..evaluation.plots import read_log, save_training_curves
+
+    output = Path(args.output or Path(args.run_dir) / "training_curves.png")
+    series = read_log(args.run_dir)
+    save_training_curves(series, output, str(args.run_dir))
+    print(f"{len(series)} series from {args.run_dir}: {output}")
+    return 0

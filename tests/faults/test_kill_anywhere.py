@@ -12,7 +12,9 @@ import sys
 from safetensors.torch import load_file
 
 from mmcl.checkpoint import checkpoints
-from tests.conftest import DEBUG_CONFIG, REPO
+from mmcl.train import train
+from tests.conftest import DEBUG_CONFIG, REPO, one_thread
+from tests.test_train import debug_config
 
 KILLS = 10
 LAUNCH_BOUND_S = 180  # one launch: start-up, a few steps and checkpoints, an evaluation
@@ -32,7 +34,8 @@ def test_killed_ten_times_at_random_moments_the_run_resumes_to_the_uninterrupted
     args = [f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", f"--data.validation={small_emoji}",
             "--data.max_validation_samples=32", f"--model.tokenizer={small_tokenizer}", "--train.max_steps=48",
             "--train.checkpoint_every=2", "--train.eval_every=3", "--train.keep_last=0", "--train.log_every=1"]
-    launch(tmp_path / "whole", args)  # uninterrupted, with the same threads as the killed launches
+    with one_thread():  # uninterrupted, in this process, with the threads of the killed launches
+        train(debug_config(tmp_path / "whole", emoji_cache, *args))
 
     out = tmp_path / "killed"
     rng = random.Random(12)

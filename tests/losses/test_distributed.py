@@ -10,23 +10,26 @@ import pytest
 
 from safetensors.torch import load_file
 
-from tests.conftest import DEBUG_CONFIG, REPO
+from mmcl.cli import main
+from tests.conftest import DEBUG_CONFIG, REPO, one_thread
 
 
 def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer, loss_args=()):
-    args = ["mmcl.cli", "train", str(DEBUG_CONFIG), f"--model.tokenizer={tokenizer}", f"--train.output_dir={out}",
+    """One process: here (one thread, as the launched ones); two: a torchrun launch."""
+    args = ["train", str(DEBUG_CONFIG), f"--model.tokenizer={tokenizer}", f"--train.output_dir={out}",
             f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
             f"--train.per_device_batch_size={batch}", "--train.max_steps=2", "--train.log_every=1",
             "--train.checkpoint_every=0", "--train.progress_bar=false", "--train.warmup_steps=0", *loss_args]
     if nproc == 1:
-        cmd = [sys.executable, "-m", *args]
+        with one_thread():
+            assert main(args) == 0
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "29533", "-m", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line or "rank1" in line]
-    assert done.returncode == 0, "\n".join(errors[-20:])
+               "--master_port", "29533", "-m", "mmcl.cli", *args]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line or "rank1" in line]
+        assert done.returncode == 0, "\n".join(errors[-20:])
     losses = [json.loads(line)["train/loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     return losses, load_file(out / "final" / "model.safetensors")
 
