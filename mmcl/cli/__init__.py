@@ -37,6 +37,9 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty():  # a log gets mmcl's progress lines, not the libraries' carriage-return frames
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args, extra = build_parser().parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")

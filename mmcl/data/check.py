@@ -116,7 +116,7 @@ def _lengths(texts: list[str], tokenizer: Any) -> list[int]:
 def _check_images(ds: Any, source: SourceSpec, report: DataReport, num_workers: int, limit: int) -> set[int]:
     bad, kinds, modes, formats = set(), Counter(), Counter(), Counter()
     widths, heights, groups = array("q"), array("q"), _Groups()
-    for info in iter_image_infos(ds, source.image_column, num_workers):
+    for info in iter_image_infos(ds, source.image_column, num_workers, desc="data check"):
         if info.kind:
             bad.add(info.row)
             kinds[info.kind] += 1

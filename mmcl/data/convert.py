@@ -86,7 +86,7 @@ def usable_rows(ds: Any, source: SourceSpec, result: ConvertResult, columns: lis
                  keep_bytes: bool) -> Iterator[tuple[ImageInfo, dict[str, Any]]]:
     """(image info, the row's `columns`) of each row training would use; the others go to `result`."""
     result.rows = len(ds)
-    infos = iter_image_infos(ds, source.image_column, num_workers, keep_bytes)
+    infos = iter_image_infos(ds, source.image_column, num_workers, keep_bytes, desc="convert")
     for info, cells in zip(infos, iter_cells(ds, columns)):
         if info.kind:
             result.skip(info, info.kind, info.reason)

@@ -101,18 +101,23 @@ class _ImageRows:
 
 
 def iter_image_infos(ds: Any, column: str, num_workers: int = 0, keep_bytes: bool = False,
-                     batch_size: int = 64) -> Iterator[ImageInfo]:
-    """ImageInfo for every row, in row order; decoded in `num_workers` DataLoader workers if > 0."""
+                     batch_size: int = 64, desc: str = "images") -> Iterator[ImageInfo]:
+    """ImageInfo for every row, in row order; decoded in `num_workers` DataLoader workers if > 0,
+    with progress (`desc`) and its rate."""
+    from ..tracking import progress
+
     rows = _ImageRows(ds, column, keep_bytes)
     if num_workers <= 0:
-        for start in range(0, len(rows), batch_size):
-            yield from rows.__getitems__(list(range(start, min(start + batch_size, len(rows)))))
-        return
-    import torch
+        batches: Any = (rows.__getitems__(list(range(start, min(start + batch_size, len(rows)))))
+                        for start in range(0, len(rows), batch_size))
+    else:
+        import torch
 
-    loader = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
-    for batch in loader:
-        yield from batch
+        batches = torch.utils.data.DataLoader(rows, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    with progress(desc=desc, unit="images", total=len(rows), delay=3.0) as bar:
+        for batch in batches:
+            yield from batch
+            bar.update(len(batch))
 
 
 def caption_problem(cell: Any) -> str:

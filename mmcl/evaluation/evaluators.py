@@ -61,12 +61,16 @@ def _shard(loader: torch.utils.data.DataLoader, accelerator: Accelerator) -> Any
                                put_on_device=True)
 
 
+LONG_WORK_S = 3.0  # an evaluation's embedding shows its progress once it has taken this long
+
+
 def _bar(loader: Any, progress: bool, accelerator: Accelerator, unit: str) -> Any:
     if not progress:
         return loader
-    from tqdm.auto import tqdm
+    from ..tracking import progress
 
-    return tqdm(loader, desc=f"embedding {unit}", unit="batch", disable=not accelerator.is_local_main_process)
+    return progress(loader, desc=f"embedding {unit}", unit="batches", total=len(loader), delay=LONG_WORK_S,
+                    disable=not accelerator.is_local_main_process)
 
 
 @torch.no_grad()
@@ -131,7 +135,7 @@ def retrieval_evaluation(bundle: EncoderBundle, ds: datasets.Dataset, spec: Eval
     no caption are left out, and counted in `skipped_images`.
     """
     images, captions = group_captions(ds, spec)
-    image_embeds, valid = embed_images(bundle, images, spec.image_column, accelerator, cfg.batch_size)
+    image_embeds, valid = embed_images(bundle, images, spec.image_column, accelerator, cfg.batch_size, progress=True)
     keep = valid & torch.tensor([bool(c) for c in captions])
     texts, text_to_image = [], []
     for image_index, row in enumerate(keep.nonzero().flatten().tolist()):
@@ -139,7 +143,7 @@ def retrieval_evaluation(bundle: EncoderBundle, ds: datasets.Dataset, spec: Eval
         text_to_image += [image_index] * len(captions[row])
     if not texts:
         raise ValueError(f"{spec.dataset}: no row has both a readable image and a caption")
-    text_embeds = embed_texts(bundle, texts, accelerator, cfg.batch_size)
+    text_embeds = embed_texts(bundle, texts, accelerator, cfg.batch_size, progress=True)
     metrics = retrieval_metrics(image_embeds[keep], text_embeds, torch.tensor(text_to_image),
                                 ks=tuple(cfg.retrieval_ks), chunk_size=cfg.chunk_size)
     metrics.update(images=float(keep.sum()), texts=float(len(texts)), skipped_images=float((~keep).sum()))
@@ -156,7 +160,7 @@ def zero_shot_evaluation(bundle: EncoderBundle, ds: datasets.Dataset, spec: Eval
     names, labels = class_labels(ds, spec)
     classes = zero_shot_classifier(lambda texts: embed_texts(bundle, texts, accelerator, cfg.batch_size), names,
                                    load_templates(spec.templates), load_per_class_prompts(spec.per_class_prompts))
-    image_embeds, valid = embed_images(bundle, ds, spec.image_column, accelerator, cfg.batch_size)
+    image_embeds, valid = embed_images(bundle, ds, spec.image_column, accelerator, cfg.batch_size, progress=True)
     logits = image_embeds[valid] @ classes.T  # (N, C)
     labels = labels[valid]
     metrics: dict[str, Any] = zero_shot_metrics(logits, labels)

@@ -41,6 +41,7 @@ def hostile_csv(tmp_path):
 def test_data_check_names_pipes_devices_and_huge_files_without_reading_them(hostile_csv):
     code, out = mmcl("data", "check", str(hostile_csv))
     assert code == 0, out  # 4 rows of 7 can train
+    assert "\r" not in out  # a log, not a terminal: no progress frames
     assert "bad images: 3 (not a regular file 2, too large 1)" in out
     assert "row 1: /dev/zero [not a regular file] NotARegularFile: /dev/zero is a character device" in out
     assert f"row 2: {hostile_csv.parent}/pipe.png [not a regular file] NotARegularFile: " in out
