@@ -1,4 +1,4 @@
-"""`mmcl predict`, `mmcl embed` and `mmcl search`: using a trained model."""
+"""`mmcl predict`, `mmcl embed`, `mmcl search` and `mmcl demo`: using a trained model."""
 
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ def search(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..apps.demo import serve
+
+    check_model_reference(args.model)  # before the slow imports
+    serve(args.model, args.images, args.host, args.port)
+    return 0
+
+
 MODEL_HELP = "an mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id"
 
 
@@ -101,3 +109,11 @@ def register(sub: Any) -> None:
     s.add_argument("--top-k", type=int, default=5, help="matches shown per query")
     s.add_argument("--sheet", help="write a contact-sheet PNG of the matches")
     s.set_defaults(func=search, parser=s)
+    d = sub.add_parser("demo", help="a local web page: zero-shot with typed labels, and text search over a folder",
+                       description="mmcl demo MODEL [--images FOLDER] [--port 7860]: serves a page on "
+                                   "http://127.0.0.1:PORT (gradio; pip install \"mmcl[demo]\"). Offline, no telemetry.")
+    d.add_argument("model", help=MODEL_HELP)
+    d.add_argument("--images", help="a folder of images: text search over it, and images to pick")
+    d.add_argument("--port", type=int, default=7860)
+    d.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    d.set_defaults(func=demo, parser=d)

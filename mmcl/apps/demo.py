@@ -1,0 +1,92 @@
+"""`mmcl demo MODEL [--images FOLDER] [--port 7860]`: a local web page (gradio, the optional `demo`
+extra) over any model mmcl loads. Zero-shot: an uploaded or picked image and typed labels give the
+labels' probabilities as bars. Search (with `--images`): a text gives the folder's best-matching
+images as a grid with their scores, the folder's embeddings cached as `mmcl search` caches them.
+
+It runs offline: gradio's telemetry is off, nothing is shared, and the page is served on
+127.0.0.1 only unless `--host` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .predict import folder_embeddings, list_images, load_for_inference, predict, search
+
+EXAMPLE_LABELS = "a red heart, a smiling face, a cat, a car, a tree"
+
+
+def import_gradio() -> Any:
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before the import: no telemetry, no update check
+    try:
+        import gradio
+    except ImportError as err:
+        raise ConfigError('mmcl demo needs gradio: pip install "mmcl[demo]"') from err
+    return gradio
+
+
+def parse_labels(text: str) -> list[str]:
+    labels = [label.strip() for label in text.replace("\n", ",").split(",") if label.strip()]
+    if len(labels) < 2:
+        raise ValueError("type at least two labels, separated by commas")
+    return labels
+
+
+def build_demo(model: str, images: str | None = None) -> Any:
+    """The page as a `gradio.Blocks`; the model is loaded, and the folder embedded, once here."""
+    gr = import_gradio()
+    if images:
+        list_images([images])  # no folder, or no images in it: fail before the model loads
+    bundle, accelerator = load_for_inference(model)
+    if images:
+        folder_embeddings(bundle, accelerator, Path(images))  # computed (or read from the cache) now
+
+    def classify(image: str | None, labels: str) -> dict[str, float]:
+        if not image:
+            raise gr.Error("upload or pick an image")
+        try:
+            names = parse_labels(labels)
+        except ValueError as err:
+            raise gr.Error(str(err)) from err
+        row = predict(bundle, accelerator, [Path(image)], names, top_k=len(names))[0]
+        if "error" in row:
+            raise gr.Error(f"{Path(image).name}: {row['error']}")
+        return {top["label"]: top["prob"] for top in row["top"]}
+
+    def find(query: str, top_k: float) -> list[tuple[str, str]]:
+        if not query.strip():
+            raise gr.Error("type a text to search for")
+        results, _ = search(bundle, accelerator, images, [query.strip()], int(top_k))
+        return [(match["image"], f"{match['score']:.3f}  {Path(match['image']).name}") for match in results[0]["matches"]]
+
+    with gr.Blocks(title=f"mmcl demo: {model}") as demo:
+        gr.Markdown(f"### mmcl demo\nModel: `{model}`")
+        with gr.Tab("Zero-shot"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(type="filepath", label="image")
+                    labels = gr.Textbox(label="labels (comma-separated)", value=EXAMPLE_LABELS)
+                    classify_button = gr.Button("Classify", variant="primary")
+                probabilities = gr.Label(label="zero-shot probabilities", num_top_classes=10)
+            if images:
+                gr.Examples(examples=[[str(p)] for p in list_images([images])[:8]], inputs=[image],
+                            label="pick an image of the folder")
+            classify_button.click(classify, [image, labels], probabilities)
+        if images:
+            with gr.Tab("Search"):
+                query = gr.Textbox(label="text", placeholder="a red heart")
+                top_k = gr.Slider(1, 48, value=12, step=1, label="images shown")
+                search_button = gr.Button("Search", variant="primary")
+                grid = gr.Gallery(label="best matches", columns=6, object_fit="contain", height="auto")
+                search_button.click(find, [query, top_k], grid)
+                query.submit(find, [query, top_k], grid)
+    return demo
+
+
+def serve(model: str, images: str | None, host: str, port: int) -> None:
+    demo = build_demo(model, images)
+    allowed = [str(Path(images).resolve())] if images else None  # the grid shows the folder's own files
+    demo.launch(server_name=host, server_port=port, share=False, allowed_paths=allowed, inbrowser=False)

@@ -1,0 +1,99 @@
+"""`mmcl demo` in a real browser: headless Chromium (Playwright, the system's Chromium) uploads an
+emoji, types labels and reads the top label off the page (it must be the label `mmcl.apps.predict`
+gives for that image), then searches the folder and counts the grid's images; a screenshot is
+saved. Skipped, saying why, when gradio, Playwright or Chromium is not installed."""
+
+import importlib.util
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mmcl.train import train
+from tests.conftest import REPO
+from tests.test_train import debug_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+START_BOUND_S = 180  # the server imports gradio and torch, loads the model and embeds the folder
+MISSING = next((why for why, gone in [
+    ('gradio is not installed: pip install "mmcl[demo]"', importlib.util.find_spec("gradio") is None),
+    ("Playwright is not installed: pip install playwright", importlib.util.find_spec("playwright") is None),
+    ("no Chromium on this machine: apt-get install -y chromium", CHROMIUM is None)] if gone), None)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_page(url, server):
+    deadline = time.monotonic() + START_BOUND_S
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.communicate()[0][-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {START_BOUND_S} s")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+def test_the_demo_classifies_an_uploaded_emoji_and_shows_a_search_grid(tmp_path, emoji_cache, small_emoji):
+    from datasets import load_from_disk
+    from playwright.sync_api import sync_playwright
+
+    from mmcl.apps.predict import load_for_inference, predict
+
+    train(debug_config(tmp_path / "run", emoji_cache, f"--data.train={small_emoji}", "--data.validation=null"))
+    model, folder = tmp_path / "run" / "final", tmp_path / "images"
+    folder.mkdir()
+    rows = load_from_disk(small_emoji).select(range(12))
+    for i, row in enumerate(rows):
+        row["image"].save(folder / f"{i:02d}.png")
+    labels = [rows[i]["name"] for i in (0, 1, 2)]
+    upload = folder / "00.png"
+    expected = predict(*load_for_inference(str(model)), [upload], labels)[0]["top"][0]["label"]
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mmcl.cli", "demo", str(model), "--images", str(folder),
+                               "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        wait_for_page(f"http://127.0.0.1:{port}/", server)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.set_default_timeout(60_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("input[type=file]", state="attached")
+            page.set_input_files("input[type=file]", str(upload))
+            page.get_by_label("labels (comma-separated)").fill(", ".join(labels))
+            page.get_by_role("button", name="Classify").click()
+            top = page.locator('[data-testid="label-output-value"]')
+            top.wait_for()
+            assert top.inner_text().strip() == expected
+            page.screenshot(path=str(tmp_path / "zero_shot.png"), full_page=True)
+
+            page.get_by_role("tab", name="Search").click()
+            page.get_by_label("text").fill(labels[1])
+            page.get_by_role("button", name="Search").click()
+            page.wait_for_selector(".thumbnail-item img")
+            assert page.locator(".thumbnail-item img").count() == 12  # 12 shown of the folder's 12
+            caption = page.locator(".thumbnail-item").first.inner_text().split()
+            assert re.fullmatch(r"-?\d\.\d{3}", caption[0]) and caption[1].endswith(".png"), caption  # score, file
+            page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+            browser.close()
+    finally:
+        server.kill()
+        server.communicate(timeout=60)
+    assert Path(tmp_path / "search.png").stat().st_size > 10_000
