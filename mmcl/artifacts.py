@@ -95,7 +95,11 @@ class SaveError(RuntimeError):
     unwritable folder. What was there before is intact (every folder is written aside first)."""
 
 
-FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+# How the writers that are not Python's `open` word the same failures: torch.save ("file write
+# failed"), safetensors (an IoError with the OS's code and message)
+WRITE_FAILURE = re.compile(r"no space left|quota|file too large|read-only file system|permission denied|"
+                           r"file write failed|(code: |os error )(28|122|27|30|13)\b", re.IGNORECASE)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -108,17 +112,21 @@ def explain_write_errors(final: Path, need_bytes: int, intact: Path | None = Non
     names the path, the bytes needed (about `need_bytes`) and free, and the folder left intact."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in FULL_OR_READ_ONLY:
-            raise
+    except Exception as err:
         base = final
         while not base.exists() and base != base.parent:
             base = base.parent
         free = shutil.disk_usage(base).free
+        if isinstance(err, OSError) and err.errno in FULL_OR_READ_ONLY:
+            what = f"{err.strerror} ({err.filename or final})"
+        elif WRITE_FAILURE.search(str(err)) or free < need_bytes:
+            what = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        else:
+            raise
         kept = f"; {intact} is intact" if intact is not None and intact.exists() else ""
-        raise SaveError(f"could not write {final}: {err.strerror} ({err.filename or final}); it needs about "
-                        f"{need_bytes:,} bytes and {free:,} are free there{kept}. Free space or choose another "
-                        "train.output_dir, then continue with --train.resume=latest") from err
+        raise SaveError(f"could not write {final}: {what}; it needs about {need_bytes:,} bytes and {free:,} are "
+                        f"free there{kept}. Free space or choose another train.output_dir, then continue with "
+                        "--train.resume=latest") from err
 
 
 # --- one run per folder ----------------------------------------------------------------------------
@@ -133,6 +141,8 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> str | None:
+        """Lock the folder; returns a warning when a gone run's lock was taken over, or when the
+        file system cannot lock (then the run goes on unguarded). FileExistsError: a live run has it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -142,14 +152,17 @@ class RunLock:
                 os.close(fd)
                 raise FileExistsError(f"{self.path.parent} is in use by another run ({self._owner()}); wait for it "
                                       "to end, or choose another train.output_dir") from None
+            except OSError as err:  # ENOLCK, EOPNOTSUPP: some network and FUSE file systems
+                os.close(fd)
+                return f"{self.path.parent}: this file system cannot lock files ({err.strerror}); nothing stops a " \
+                       "second run from writing to the same folder"
             if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)  # the holder released and removed the file meanwhile: lock the new one
-        previous = self._owner()
+        self.fd, previous = fd, self._owner()
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self.fd = fd
         return f"took over the lock of a run that is gone ({previous})" if previous != "unknown" else None
 
     def release(self) -> None:

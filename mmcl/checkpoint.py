@@ -14,14 +14,15 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, SaveError, atomic_dir, explain_write_errors,
+from .artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, explain_write_errors,
                         folder_bytes, replace_dir, save_training_config, staging_dir, write_json)
 from .config import Config, ConfigError
 from .data.pairs import SkipCounter, Skipped
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings a resume may change: where and how often to log, evaluate, checkpoint and publish; how
-# long to train; and the options that take the same steps (tests/test_train.py SPEED_OPTIONS).
+# long to train (with a constant schedule: a cosine one is drawn over train.max_steps); and the
+# options that take the same steps (tests/test_train.py SPEED_OPTIONS).
 # Any other change (model, loss, data, optimizer, batch) would make another run: it is refused.
 RESUMABLE_CHANGES = ("train.output_dir", "train.resume", "train.log_every", "train.eval_every",
                      "train.checkpoint_every", "train.keep_last", "train.report_to", "train.progress_bar",
@@ -60,13 +61,15 @@ def check_config(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path
     way that changes the result, listing every such key; see RESUMABLE_CHANGES."""
     if saved is None:  # a checkpoint from before configs were kept in them
         return
-    changed = sorted(key for key in saved.keys() | now.keys()
-                     if saved.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES))
+    cosine = saved.get("train.lr_scheduler") == "cosine"
+    changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key)
+                     and (not key.startswith(RESUMABLE_CHANGES) or (key == "train.max_steps" and cosine)))
     if changed:
         raise ConfigError(f"train.resume: {folder} was saved with other settings, and these change what the run "
                           f"computes: {'; '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}. "
                           "Resume with the saved values, or start a new run in another train.output_dir "
-                          "(logging, evaluation, checkpoint and publishing settings and train.max_steps may change)")
+                          "(logging, evaluation, checkpoint and publishing settings may change, and train.max_steps "
+                          "with a constant schedule)")
 
 
 def gather_skipped(skipped: SkipCounter) -> SkipCounter:
@@ -104,8 +107,8 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
                 with open(tmp / STATE_NAME, "w", encoding="utf-8") as f:
                     json.dump(state, f)  # written last: its presence marks the checkpoint complete
                 replace_dir(tmp, final)
-    except SaveError:
-        shutil.rmtree(tmp, ignore_errors=True)  # the space it took is given back
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing half-written; its space is given back
         raise
     if accelerator.is_main_process:
         for old in checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:

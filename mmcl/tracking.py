@@ -12,6 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as text_tqdm
 
 from .artifacts import LOG_NAME, LOGS_DIR
 from .config import TrainConfig
@@ -64,7 +65,7 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 LINE_EVERY_S = 30.0  # a log file gets a progress line this often (and one at the end)
 
 
-class LineProgress(tqdm):
+class LineProgress(text_tqdm):  # not tqdm.auto's: in a notebook that is the widget class
     """tqdm for output that is not a terminal (a log file, a pipe, CI): whole lines, every
     `mininterval` seconds, on `set_postfix` and at the end, instead of carriage-return frames."""
 

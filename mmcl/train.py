@@ -218,7 +218,7 @@ class Trainer:
         if self.loss_fn.has_state():  # a queue and its momentum copy: checkpointed with the rest
             acc.register_for_checkpointing(self.loss_fn)
         self.skipped = SkipCounter()
-        self.step = self.bad_steps = self.bad_in_a_row = 0
+        self.step = self.bad_steps = self.bad_in_a_row = self.overflow_steps = 0
         self.rows: list[int] = []  # the rows of the optimizer step being taken
         if resume_dir is not None:
             saved = ckpt.read_state(resume_dir)  # checked before anything is loaded or set aside
@@ -226,7 +226,7 @@ class Trainer:
             ckpt.check_config(saved.get("config"), self.flat_config(), resume_dir)
             state = ckpt.load(acc, resume_dir, self.skipped, self.stream)
             self.step, self.best = int(state["step"]), state.get("best")
-            self.bad_steps = int(state.get("bad_steps", 0))
+            self.bad_steps, self.overflow_steps = int(state.get("bad_steps", 0)), int(state.get("overflow_steps", 0))
         elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
             (self.output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
 
@@ -239,6 +239,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides Accelerate's state."""
         return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps,
+                "overflow_steps": self.overflow_steps,
                 "config": self.flat_config()}
 
     def state_bytes(self) -> int:
@@ -272,7 +273,8 @@ class Trainer:
                 yield send_to_device(batch, self.accelerator.device)
             return
         accum = self.config.train.gradient_accumulation_steps
-        epoch, done = divmod(self.step + self.bad_steps, self.steps_per_epoch)  # a skipped update read its batch
+        read = self.step + self.bad_steps + self.overflow_steps  # a skipped update read its batch too
+        epoch, done = divmod(read, self.steps_per_epoch)
         while True:
             self.loader.set_epoch(epoch)
             self.loader.dataset.set_epoch(epoch)
@@ -336,8 +338,12 @@ class Trainer:
             if not synced:
                 continue
             if not finite(grad_norm):
-                self.skip_update(step_loss, grad_norm)
+                if self.scaler_overflow(step_loss):
+                    self.overflow_steps += 1
+                else:
+                    self.skip_update(step_loss, grad_norm)
                 step_loss = torch.zeros((), device=acc.device)
+                self.rows = []
                 continue
             window_loss += step_loss
             step_loss = torch.zeros((), device=acc.device)
@@ -365,6 +371,12 @@ class Trainer:
         bar.close()
         return self.finish(time.perf_counter() - start)
 
+    def scaler_overflow(self, loss: torch.Tensor) -> bool:
+        """fp16: a finite loss with an infinite gradient is the gradient scaler's overflow. The scaler
+        skipped the update and lowered its scale, as it should early in training: not a bad step."""
+        acc = self.accelerator
+        return acc.scaler is not None and math.isfinite(acc.reduce(loss.detach().clone(), reduction="mean").item())
+
     def skip_update(self, loss: torch.Tensor, grad_norm: Any) -> None:
         """The optimizer step just taken had a non-finite gradient norm and was skipped (see
         `training_step`): no scheduler step either. Say which rows it read; after
@@ -384,8 +396,9 @@ class Trainer:
                            self.state_bytes())
         raise NonFiniteError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
                              f"(train.max_bad_steps={tcfg.max_bad_steps}); saved the last good state (step {self.step}) "
-                             f"to {folder}. Lower train.learning_rate, or look at the rows above; "
-                             "--train.resume=latest continues after these batches")
+                             f"to {folder}. Look at the rows above; --train.resume=latest continues after these "
+                             "batches with the same settings (a lower train.learning_rate is a new run, in another "
+                             "train.output_dir)")
 
     def health(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, steps: int, elapsed: float) -> dict[str, float]:
         """Cheap signals logged every `log_every` steps, averaged over processes where it matters."""
@@ -441,15 +454,16 @@ def check_sharding(config: Config, acc: Accelerator) -> None:
 
 def claim(lock: RunLock, acc: Accelerator) -> None:
     """The main process locks the output folder; when another run holds it, every process stops."""
-    outcome = [None, None]  # (the error, a warning)
+    outcome: list[Any] = [None, None]  # (the error, a warning)
     if acc.is_main_process:
         try:
             outcome = [None, lock.acquire()]
-        except FileExistsError as error:
-            outcome = [str(error), None]
+        except OSError as error:  # in use; or the folder cannot be written: every process stops, not only this one
+            lock.release()
+            outcome = [error, None]
     error, warning = broadcast_object_list(outcome)
     if error:
-        raise FileExistsError(error)
+        raise error
     if warning:
         acc.print(f"warning: {warning}")
 

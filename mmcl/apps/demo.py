@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from .predict import folder_embeddings, list_images, load_for_inference, predict, search
+from .predict import folder_embeddings, list_images, load_for_inference, predict, text_embeddings
 
 EXAMPLE_LABELS = "a red heart, a smiling face, a cat, a car, a tree"
 
@@ -36,13 +36,13 @@ def parse_labels(text: str) -> list[str]:
 
 
 def build_demo(model: str, images: str | None = None) -> Any:
-    """The page as a `gradio.Blocks`; the model is loaded, and the folder embedded, once here."""
+    """The page as a `gradio.Blocks`; the model is loaded, and the folder embedded (or its cached
+    embeddings read), once here."""
     gr = import_gradio()
     if images:
         list_images([images])  # no folder, or no images in it: fail before the model loads
     bundle, accelerator = load_for_inference(model)
-    if images:
-        folder_embeddings(bundle, accelerator, Path(images))  # computed (or read from the cache) now
+    paths, embeds, _ = folder_embeddings(bundle, accelerator, Path(images)) if images else ([], None, False)
 
     def classify(image: str | None, labels: str) -> dict[str, float]:
         if not image:
@@ -59,15 +59,17 @@ def build_demo(model: str, images: str | None = None) -> Any:
     def find(query: str, top_k: float) -> list[tuple[str, str]]:
         if not query.strip():
             raise gr.Error("type a text to search for")
-        results, _ = search(bundle, accelerator, images, [query.strip()], int(top_k))
-        return [(match["image"], f"{match['score']:.3f}  {Path(match['image']).name}") for match in results[0]["matches"]]
+        scores = (text_embeddings(bundle, accelerator, [query.strip()]) @ embeds.T)[0]  # cosine: both normalised
+        top = scores.topk(min(int(top_k), len(paths)))
+        return [(str(paths[i]), f"{float(v):.3f}  {paths[i].name}") for v, i in zip(top.values, top.indices)]
 
     with gr.Blocks(title=f"mmcl demo: {model}") as demo:
         gr.Markdown(f"### mmcl demo\nModel: `{model}`")
         with gr.Tab("Zero-shot"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="filepath", label="image")
+                    image = gr.Image(type="filepath", image_mode=None, label="image")  # the file as uploaded:
+                    # mmcl composites transparency on white itself, as `mmcl predict` does
                     labels = gr.Textbox(label="labels (comma-separated)", value=EXAMPLE_LABELS)
                     classify_button = gr.Button("Classify", variant="primary")
                 probabilities = gr.Label(label="zero-shot probabilities", num_top_classes=10)

@@ -152,7 +152,7 @@ def _load(source: SourceSpec, cache_dir: str | None, emoji_image_size: int) -> d
 
 def first_bad_line(path: Path) -> str | None:
     """Where a table file that datasets could not read goes wrong: "line N: why" (a csv / tsv row
-    with another number of fields than the header, a quote never closed, a JSON line that does not
+    with more fields than the header, a quote never closed, a JSON line that does not
     parse or is not an object), "not a parquet file (why)", or None when no line is at fault."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -170,7 +170,7 @@ def first_bad_line(path: Path) -> str | None:
         header, start = next(reader, []), 2
         try:
             for row in reader:
-                if row and len(row) != len(header):
+                if len(row) > len(header):  # fewer is read, the missing cells empty
                     return f"line {start}: {len(row)} fields where the header has {len(header)}"
                 start = reader.line_num + 1
         except csv.Error as err:

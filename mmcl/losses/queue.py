@@ -73,8 +73,12 @@ class FeatureQueue(nn.Module):
     @torch.no_grad()
     def push(self, images: torch.Tensor, texts: torch.Tensor, image_ids: torch.Tensor | None,
              text_ids: torch.Tensor | None) -> None:
-        """Add every process's rows (gathered here) after the oldest are dropped."""
+        """Add every process's rows (gathered here) after the oldest are dropped. A batch with a
+        non-finite embedding (its update is skipped: `mmcl.train.training_step`) is not queued: it
+        would make every later loss NaN. Every process sees the same gathered rows, so all agree."""
         images, texts = gather_ids(images.float()), gather_ids(texts.float())
+        if not bool(torch.isfinite(images).all() & torch.isfinite(texts).all()):
+            return
         rows = len(images)
         image_ids = gather_ids(image_ids) if image_ids is not None else torch.full((rows,), -1, device=images.device)
         text_ids = gather_ids(text_ids) if text_ids is not None else torch.full((rows,), -2, device=images.device)

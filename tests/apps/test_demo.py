@@ -50,7 +50,7 @@ def wait_for_page(url, server):
 @pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 def test_the_demo_classifies_an_uploaded_emoji_and_shows_a_search_grid(tmp_path, emoji_cache, small_emoji):
     from datasets import load_from_disk
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     from mmcl.apps.predict import load_for_inference, predict
 
@@ -87,8 +87,7 @@ def test_the_demo_classifies_an_uploaded_emoji_and_shows_a_search_grid(tmp_path,
             page.get_by_role("tab", name="Search").click()
             page.get_by_label("text").fill(labels[1])
             page.get_by_role("button", name="Search").click()
-            page.wait_for_selector(".thumbnail-item img")
-            assert page.locator(".thumbnail-item img").count() == 12  # 12 shown of the folder's 12
+            expect(page.locator(".thumbnail-item img")).to_have_count(12)  # 12 shown of the folder's 12
             caption = page.locator(".thumbnail-item").first.inner_text().split()
             assert re.fullmatch(r"-?\d\.\d{3}", caption[0]) and caption[1].endswith(".png"), caption  # score, file
             page.screenshot(path=str(tmp_path / "search.png"), full_page=True)

@@ -10,7 +10,8 @@ from tests.test_train import debug_config
 
 
 def test_a_resume_with_other_settings_is_refused_and_a_harmless_change_is_not(tmp_path, emoji_cache, small_emoji):
-    data = (f"--data.train={small_emoji}", "--data.validation=null", "--train.checkpoint_every=3")
+    data = (f"--data.train={small_emoji}", "--data.validation=null", "--train.checkpoint_every=3",
+            "--train.lr_scheduler=constant")
     train(debug_config(tmp_path, emoji_cache, *data, "--train.max_steps=6"))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert before == ["step-00000003", "step-00000006"]
@@ -26,3 +27,9 @@ def test_a_resume_with_other_settings_is_refused_and_a_harmless_change_is_not(tm
     metrics = train(debug_config(tmp_path, emoji_cache, *data, *harmless))
     assert metrics["train/steps"] == 5
     assert [p.name for p in checkpoints(tmp_path)] == ["step-00000003"]  # step 6 of the old run was set aside
+
+    # a cosine schedule is drawn over train.max_steps: a longer run would take other steps
+    cosine = [a for a in data if "lr_scheduler" not in a]
+    train(debug_config(tmp_path / "cosine", emoji_cache, *cosine, "--train.max_steps=3"))
+    with pytest.raises(ConfigError, match=r"train\.max_steps: 3 -> 6\. Resume with the saved values"):
+        train(debug_config(tmp_path / "cosine", emoji_cache, *cosine, "--train.max_steps=6", "--train.resume=latest"))

@@ -4,6 +4,8 @@ bytes needed and free, and the folder left intact; the earlier checkpoint still 
 import builtins
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -12,6 +14,7 @@ from mmcl.artifacts import SaveError, folder_bytes
 from mmcl.checkpoint import checkpoints
 from mmcl.model import DualEncoder
 from mmcl.train import train
+from tests.conftest import DEBUG_CONFIG, REPO
 from tests.test_train import debug_config
 
 
@@ -30,7 +33,7 @@ def fill_disk_at(monkeypatch, marker):
 
 def runs(small_emoji, small_tokenizer, *extra):
     return (f"--data.train={small_emoji}", "--data.validation=null", "--train.checkpoint_every=2",
-            "--train.keep_last=0", f"--model.tokenizer={small_tokenizer}", *extra)
+            "--train.keep_last=0", f"--model.tokenizer={small_tokenizer}", "--train.lr_scheduler=constant", *extra)
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_which_resumes_exactly(
@@ -70,3 +73,23 @@ def test_a_full_disk_during_the_final_save_keeps_the_earlier_model(tmp_path, emo
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
     DualEncoder.from_pretrained(tmp_path / "final")  # still loads
+
+
+def test_the_real_writers_failing_are_named_in_one_line_and_leave_the_last_checkpoint(
+        tmp_path, emoji_cache, small_emoji, small_tokenizer):
+    """Not a patched `open`: from the second checkpoint on no file may grow past 64 kB (RLIMIT_FSIZE),
+    so safetensors' writer fails first, as it would on a full disk."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tests.faults.fsize_worker", "train", str(DEBUG_CONFIG), f"--train.output_dir={out}",
+           f"--data.cache_dir={emoji_cache}", *runs(small_emoji, small_tokenizer, "--train.max_steps=6"),
+           "--train.progress_bar=false", "--hub.export=false"]
+    env = dict(os.environ, MMCL_FSIZE=str(64 * 1024), MMCL_FSIZE_AT="2")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    said = done.stdout + done.stderr
+    print(said[-1500:])
+    step2 = out / "checkpoints" / "step-00000002"
+    assert done.returncode == 1 and "Traceback" not in said, said[-3000:]
+    assert f"mmcl train: error: could not write {out}/checkpoints/step-00000004: " in said
+    assert "File too large" in said and f"it needs about {folder_bytes(step2):,} bytes" in said
+    assert f"{step2} is intact." in said
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]

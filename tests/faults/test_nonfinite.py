@@ -34,10 +34,13 @@ def common(small_emoji, *extra):
             "--train.lr_scheduler=constant", "--train.warmup_steps=0", "--train.keep_last=0", *extra)
 
 
-def test_a_nan_batch_skips_its_update_and_is_reported(tmp_path, emoji_cache, small_emoji, monkeypatch, capsys):
+@pytest.mark.parametrize("queue", [(), ("--loss.queue_size=32", "--loss.momentum=0")], ids=["plain", "queue"])
+def test_a_nan_batch_skips_its_update_and_is_reported(tmp_path, emoji_cache, small_emoji, monkeypatch, capsys, queue):
+    """With a queue of earlier embeddings the NaN batch must not be queued either: every later loss
+    would be NaN."""
     made = poison(monkeypatch, {2})
     metrics = train(debug_config(tmp_path, emoji_cache, *common(small_emoji, "--train.max_steps=4",
-                                                               "--train.checkpoint_every=4")))
+                                                               "--train.checkpoint_every=4", *queue)))
     assert metrics["train/steps"] == 4 and metrics["train/bad_steps"] == 1
 
     out = capsys.readouterr().out
