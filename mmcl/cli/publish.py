@@ -1,4 +1,4 @@
-"""`mmcl export` and `mmcl push`: publishing a trained model."""
+"""`mmcl export`, `mmcl push` and `mmcl wise-ft`: publishing a trained model, or mixing two."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def push(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def wise_ft(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..wise_ft import wise_ft as mix
+
+    out = mix(args.pretrained, args.finetuned, args.alpha, args.out)
+    print(f"wrote {out}: {1 - args.alpha:g} x {args.pretrained} + {args.alpha:g} x {args.finetuned}")
+    return 0
+
+
 def register(sub: Any) -> None:
     parser = sub.add_parser("export", help="export a trained model for transformers / sentence-transformers",
                             description="mmcl export MODEL_DIR OUT_DIR: a folder that loads without mmcl, with "
@@ -52,3 +60,12 @@ def register(sub: Any) -> None:
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
     parser.add_argument("--commit-message", default=None)
     parser.set_defaults(func=push, parser=parser)
+    wise = sub.add_parser("wise-ft", help="mix a pretrained and a fine-tuned model in weight space (WiSE-FT)",
+                          description="mmcl wise-ft PRETRAINED FINETUNED OUT --alpha 0.5: writes (1 - alpha) x "
+                                      "PRETRAINED + alpha x FINETUNED as an mmcl model folder. Both are mmcl model "
+                                      "folders of one architecture and one tokenizer.")
+    wise.add_argument("pretrained", help="the model before fine-tuning (an mmcl model folder)")
+    wise.add_argument("finetuned", help="the fine-tuned model (an mmcl model folder)")
+    wise.add_argument("out", help="the folder to write")
+    wise.add_argument("--alpha", type=float, default=0.5, help="the fine-tuned model's weight, 0..1")
+    wise.set_defaults(func=wise_ft, parser=wise)

@@ -1,0 +1,60 @@
+"""WiSE-FT: alpha 0 and 1 give the two inputs bit for bit, 0.5 the hand-computed average, and the
+mix is an mmcl folder that loads and embeds; another architecture or tokenizer is a clear error."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmcl.cli import main
+from mmcl.config import ConfigError
+from mmcl.model import DualEncoder
+from mmcl.wise_ft import wise_ft
+from tests.conftest import save_tiny_model
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    """A tiny model and a "fine-tuned" copy: every float weight moved by noise."""
+    pretrained = save_tiny_model(tmp_path / "pretrained", "a red heart and a blue square")
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(pretrained, finetuned)
+    torch.manual_seed(1)
+    weights = {k: v + torch.randn_like(v) * 0.1 if v.is_floating_point() else v
+               for k, v in load_file(pretrained / "model.safetensors").items()}
+    save_file(weights, str(finetuned / "model.safetensors"), metadata={"format": "pt"})
+    return pretrained, finetuned
+
+
+def test_alpha_0_and_1_are_the_inputs_and_one_half_is_the_average(tmp_path, two_models):
+    pretrained, finetuned = two_models
+    a, b = load_file(pretrained / "model.safetensors"), load_file(finetuned / "model.safetensors")
+    for alpha, expected in ((0.0, a), (1.0, b)):
+        mixed = load_file(wise_ft(pretrained, finetuned, alpha, tmp_path / f"mix{alpha}") / "model.safetensors")
+        assert mixed.keys() == expected.keys()
+        assert all(torch.equal(mixed[k], expected[k]) for k in mixed), alpha
+    assert main(["wise-ft", str(pretrained), str(finetuned), str(tmp_path / "half"), "--alpha", "0.5"]) == 0
+    half = load_file(tmp_path / "half" / "model.safetensors")
+    for name, value in half.items():
+        by_hand = (a[name].double() + b[name].double()) / 2 if value.is_floating_point() else a[name]
+        assert torch.allclose(value.double(), by_hand, rtol=1e-6, atol=1e-7), name  # float32 rounding
+    model = DualEncoder.from_pretrained(tmp_path / "half")  # a plain mmcl folder: loads and embeds
+    ids = torch.tensor([[2, 7, 9, 3]])
+    assert model(pixel_values=torch.randn(1, 3, 16, 16), input_ids=ids).text_embeds.shape == (1, 8)
+    assert (tmp_path / "half" / "tokenizer.json").is_file()
+
+
+def test_another_architecture_or_tokenizer_is_named(tmp_path, two_models):
+    pretrained, finetuned = two_models
+    other = save_tiny_model(tmp_path / "other", "a red heart and a blue square", vocab_size=100)
+    shutil.copy(pretrained / "tokenizer.json", other / "tokenizer.json")
+    with pytest.raises(ConfigError, match=r"differ at tensor text_model\.embeddings\.word_embeddings\.weight: "
+                                          r"pretrained \(120, 32\) float32, fine-tuned \(100, 32\) float32"):
+        wise_ft(pretrained, other, 0.5, tmp_path / "bad")
+    (finetuned / "tokenizer.json").write_text((finetuned / "tokenizer.json").read_text().replace("heart", "heard"))
+    with pytest.raises(ConfigError, match="other tokenizers"):
+        wise_ft(pretrained, finetuned, 0.5, tmp_path / "bad")
+    with pytest.raises(ConfigError, match="0 <= alpha <= 1"):
+        wise_ft(pretrained, pretrained, 1.5, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
