@@ -220,6 +220,12 @@ class EvalConfig:
     sets: dict[str, EvalSpec] = option(help="named evaluations run during and after training", factory=dict)
     best_metric: str | None = option(None, "keep <output_dir>/best by this metric, e.g. val/image_to_text_R@1")
     best_mode: Literal["max", "min"] = option("max", "whether a larger best_metric is better")
+    # Fine-tuning a pretrained model: what it must keep, e.g. retention: [keep/top1] with a
+    # `keep` set on data outside the fine-tuning task. Measured before the first step.
+    retention: list[str] = option(help="metrics (<set>/<metric>, larger is better) whose drop from step 0 is "
+                                       "logged as retention/<set>/<metric> = value / step-0 value", factory=list)
+    stop_if_retention_below: float | None = option(None, "stop the run (with a checkpoint) when a retention "
+                                                         "metric falls below this fraction of its step-0 value")
 
 
 @dataclass

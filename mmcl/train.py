@@ -153,6 +153,10 @@ class NonFiniteError(RuntimeError):
     """`train.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
+class RetentionError(RuntimeError):
+    """A metric of `eval.retention` fell below `eval.stop_if_retention_below` x its step-0 value."""
+
+
 def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                   max_grad_norm: float | None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
@@ -193,6 +197,8 @@ class Trainer:
         self.train_ds = load_train_dataset(config, acc)
         self.evals = load_eval_datasets(config, acc)
         self.best: float | None = None
+        self.retention_base: dict[str, float] | None = None  # eval.retention's step-0 values
+        check_retention_names(config.eval.retention, self.evals)
         resume_dir = ckpt.resolve_resume(tcfg.resume, self.output_dir)
         self.tokenizer, self.image_processor = build_processors(
             config, self.train_ds, self.output_dir, resume_dir is not None, acc)
@@ -226,6 +232,7 @@ class Trainer:
             ckpt.check_config(saved.get("config"), self.flat_config(), resume_dir)
             state = ckpt.load(acc, resume_dir, self.skipped, self.stream)
             self.step, self.best = int(state["step"]), state.get("best")
+            self.retention_base = state.get("retention_base")
             self.bad_steps, self.overflow_steps = int(state.get("bad_steps", 0)), int(state.get("overflow_steps", 0))
         elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
             (self.output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
@@ -239,7 +246,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides Accelerate's state."""
         return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps,
-                "overflow_steps": self.overflow_steps,
+                "overflow_steps": self.overflow_steps, "retention_base": self.retention_base,
                 "config": self.flat_config()}
 
     def state_bytes(self) -> int:
@@ -282,21 +289,61 @@ class Trainer:
             yield from loader
             epoch, done = epoch + 1, 0
 
-    def evaluate(self, final: bool = False) -> dict[str, float]:
-        """The evaluations due at this step (all of them when `final`), logged as `<name>/<metric>`."""
+    def evaluate(self, final: bool = False, only: set[str] | None = None) -> dict[str, float]:
+        """The evaluations due at this step (all of them when `final`; the sets `only` names when
+        given), logged as `<name>/<metric>`, with `retention/<name>/<metric>` for `eval.retention`."""
         metrics: dict[str, float] = {}
         for name, (spec, ds) in self.evals.items():
-            if not (final or (spec.every and self.step % spec.every == 0)):
+            due = name in only if only is not None else final or (spec.every and self.step % spec.every == 0)
+            if not due:
                 continue
             results = run_eval(self.bundle(), ds, spec, self.accelerator, self.config.eval)
             metrics.update(scalars(name, results))
             self.draw_confusion(spec, results)
         if metrics:
-            self.accelerator.log(metrics, step=self.step)
-            self.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                            if "R@" in k or "top" in k or "recall" in k))
+            retained = self.retention(metrics)
+            self.accelerator.log({**metrics, **retained}, step=self.step)
+            self.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in {**metrics, **retained}.items()
+                                            if "R@" in k or "top" in k or "recall" in k or k in retained))
             self.keep_best(metrics)
+            if not final:
+                self.stop_if_forgetting(retained)
         return metrics
+
+    def measure_retention_base(self) -> None:
+        """Before the first step of a fine-tuning run: what the model knows that it must keep."""
+        watched = self.config.eval.retention
+        if not watched or self.retention_base is not None:
+            return
+        metrics = self.evaluate(only={name.split("/")[0] for name in watched})
+        missing = [name for name in watched if name not in metrics]
+        if missing:
+            raise ConfigError(f"eval.retention: {', '.join(missing)} not among the metrics of those sets: "
+                              f"{', '.join(sorted(metrics))}")
+        self.retention_base = {name: metrics[name] for name in watched}
+        self.accelerator.log(self.retention(metrics), step=self.step)  # 1.0 (where the value is not 0)
+        self.accelerator.print("retention: step-0 values " + ", ".join(f"{k}={v:.4g}" for k, v in
+                                                                        self.retention_base.items()))
+
+    def retention(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`retention/<metric>` = value / its step-0 value, for the watched metrics measured now."""
+        base = self.retention_base or {}
+        return {f"retention/{name}": metrics[name] / base[name] if base[name] else float("nan")
+                for name in base if name in metrics}
+
+    def stop_if_forgetting(self, retained: dict[str, float]) -> None:
+        limit = self.config.eval.stop_if_retention_below
+        fallen = {k: v for k, v in retained.items() if limit is not None and v < limit}
+        if not fallen:
+            return
+        tcfg = self.config.train
+        folder = ckpt.save(self.accelerator, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream,
+                           self.state(), self.state_bytes())
+        said = "; ".join(f"{k.removeprefix('retention/')} is {v:.3f} x its step-0 value "
+                         f"{self.retention_base[k.removeprefix('retention/')]:.4g}" for k, v in fallen.items())
+        raise RetentionError(f"step {self.step}: {said}, below eval.stop_if_retention_below={limit}; the model of "
+                             f"this step is checkpointed in {folder}. Lower train.learning_rate, lock more layers, "
+                             "or mix the models with mmcl wise-ft")
 
     def draw_confusion(self, spec: EvalSpec, results: dict[str, Any]) -> None:
         if spec.confusion_matrix and "confusion" in results and self.accelerator.is_main_process:
@@ -327,6 +374,7 @@ class Trainer:
     def run(self) -> dict[str, float]:
         tcfg, acc = self.config.train, self.accelerator
         acc.init_trackers("mmcl", config=self.flat_config())
+        self.measure_retention_base()
         bar = progress_bar(tcfg, acc, initial=self.step)
         window_loss, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
         step_loss = torch.zeros((), device=acc.device)
@@ -429,6 +477,13 @@ class Trainer:
         release_reducer(self.model)
         acc.end_training()
         return metrics
+
+
+def check_retention_names(watched: list[str], evals: dict[str, Any]) -> None:
+    unknown = [name for name in watched if name.split("/")[0] not in evals]
+    if unknown:
+        raise ConfigError(f"eval.retention: {', '.join(unknown)} names no evaluation set; the sets are: "
+                          f"{', '.join(evals) or 'none'} (write <set>/<metric>, e.g. keep/top1)")
 
 
 def check_geometry(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path) -> None:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ not in ("LostProcessError", "NonFiniteError", "SaveError"):  # mmcl's (not imported here)
+        if type(err).__name__ not in ("LostProcessError", "NonFiniteError", "SaveError", "RetentionError"):  # mmcl's
             raise
         print(f"{args.parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
