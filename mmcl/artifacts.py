@@ -26,11 +26,11 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
-from .config import ConfigError
+from .config import ConfigError, StopError
 
 # --- names -----------------------------------------------------------------------------------------
 WEIGHTS_NAME = "model.safetensors"
@@ -90,7 +90,7 @@ def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class SaveError(RuntimeError):
+class SaveError(StopError):
     """A checkpoint or model folder could not be written: a full disk, a quota, a read-only or
     unwritable folder. What was there before is intact (every folder is written aside first)."""
 
@@ -107,24 +107,25 @@ def folder_bytes(folder: Path) -> int:
 
 
 @contextmanager
-def explain_write_errors(final: Path, need_bytes: int, intact: Path | None = None) -> Iterator[None]:
+def explain_write_errors(final: Path, need_bytes: Callable[[], int], intact: Path | None = None) -> Iterator[None]:
     """Turn a full disk or an unwritable folder met while writing `final` into a `SaveError` that
-    names the path, the bytes needed (about `need_bytes`) and free, and the folder left intact."""
+    names the path, the bytes needed (about `need_bytes()`, asked only then) and free, and the
+    folder left intact."""
     try:
         yield
     except Exception as err:
-        base = final
+        need, base = need_bytes(), final
         while not base.exists() and base != base.parent:
             base = base.parent
         free = shutil.disk_usage(base).free
         if isinstance(err, OSError) and err.errno in FULL_OR_READ_ONLY:
             what = f"{err.strerror} ({err.filename or final})"
-        elif WRITE_FAILURE.search(str(err)) or free < need_bytes:
+        elif WRITE_FAILURE.search(str(err)) or free < need:
             what = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
         else:
             raise
         kept = f"; {intact} is intact" if intact is not None and intact.exists() else ""
-        raise SaveError(f"could not write {final}: {what}; it needs about {need_bytes:,} bytes and {free:,} are "
+        raise SaveError(f"could not write {final}: {what}; it needs about {need:,} bytes and {free:,} are "
                         f"free there{kept}. Free space or choose another train.output_dir, then continue with "
                         "--train.resume=latest") from err
 

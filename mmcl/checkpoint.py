@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -82,11 +82,11 @@ def gather_skipped(skipped: SkipCounter) -> SkipCounter:
 
 
 def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter,
-         stream: Any = None, extra: dict[str, Any] | None = None, size_hint: int = 0) -> Path:
+         stream: Any = None, extra: dict[str, Any] | None = None, size_hint: Callable[[], int] = lambda: 0) -> Path:
     """Write the full training state (model, optimizer, scheduler, RNG, every process's skipped
     rows and position in a training stream, and `extra`) at `step`, atomically. A full disk or an
     unwritable folder raises `SaveError`, naming the bytes needed (the last checkpoint's size, else
-    `size_hint`), and leaves the earlier checkpoints as they were."""
+    `size_hint()`), and leaves the earlier checkpoints as they were."""
     skipped = gather_skipped(skipped)
     final = output_dir / CHECKPOINTS_DIR / f"step-{step:08d}"
     tmp = staging_dir(final)  # written by every process, renamed into place by the main one
@@ -95,7 +95,7 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        with explain_write_errors(final, folder_bytes(previous) if previous else size_hint, previous):
+        with explain_write_errors(final, lambda: folder_bytes(previous) if previous else size_hint(), previous):
             accelerator.save_state(str(tmp))
             if stream is not None:  # every process is at its own place in the stream
                 with open(tmp / f"stream_state_{accelerator.process_index}.json", "w", encoding="utf-8") as f:
@@ -157,7 +157,9 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config,
     `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`; `state_dict`: the
     full weights gathered from a sharded `model` (`accelerator.get_state_dict`). A full disk or an
     unwritable folder raises `SaveError`; an earlier `final` stays as it was."""
-    weights = sum(t.numel() * t.element_size() for t in (state_dict or model.state_dict()).values())
+    def weights() -> int:
+        return sum(t.numel() * t.element_size() for t in (state_dict or model.state_dict()).values())
+
     with explain_write_errors(final, weights, final), atomic_dir(final) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)

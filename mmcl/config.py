@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     The message names it and says what would be right; the CLI prints it as one line."""
 
 
+class StopError(RuntimeError):
+    """A run stopped for a reason the user can act on (a lost process, non-finite steps, a full
+    disk, forgetting): the command line prints it as one line and exits with status 1."""
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
     """A config field with its help text (shown by `mmcl train --help` and `mmcl eval --help`)."""
     return field(default=default, default_factory=factory, metadata={"help": help})

@@ -1,6 +1,7 @@
 """How this process joins the job: the Accelerator (one CPU, one GPU, DDP, FSDP2, DeepSpeed, one
 node or many, as `accelerate launch` / `torchrun` set it up), reading a value that may be sharded,
-and naming the process that was lost when a job breaks.
+the output folder's lock taken for all processes, and naming the process that was lost when a job
+breaks.
 
 The launch configs are in configs/accelerate/; nothing here replaces Accelerate or torch.distributed.
 """
@@ -16,9 +17,10 @@ from typing import Any, Iterator
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, broadcast_object_list
 
-from .config import ConfigError, TrainConfig
+from .artifacts import RunLock
+from .config import ConfigError, StopError, TrainConfig
 
 ROLL_CALL_S = 15.0  # after a failed collective, how long the survivors wait for each other to answer
 
@@ -130,7 +132,23 @@ def release_reducer(model: torch.nn.Module) -> None:
         del model.reducer
 
 
-class LostProcessError(RuntimeError):
+def claim_output_dir(lock: RunLock, acc: Accelerator) -> None:
+    """The main process locks the output folder; when another run holds it, every process stops."""
+    outcome: list[Any] = [None, None]  # (the error, a warning)
+    if acc.is_main_process:
+        try:
+            outcome = [None, lock.acquire()]
+        except OSError as error:  # in use; or the folder cannot be written: every process stops, not only this one
+            lock.release()
+            outcome = [error, None]
+    error, warning = broadcast_object_list(outcome)
+    if error:
+        raise error
+    if warning:
+        acc.print(f"warning: {warning}")
+
+
+class LostProcessError(StopError):
     """Another process of the job is gone; this one stopped instead of waiting for it."""
 
 

@@ -15,146 +15,28 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, send_to_device, set_seed
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from accelerate.utils import gather_object, send_to_device, set_seed
 
 from . import checkpoint as ckpt
-from .artifacts import (BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, PROCESSOR_DIR, RunLock, scrub_secrets,
-                        write_json)
-from .build import build_image_processor, build_model, build_tokenizer, fit_text_config
-from .config import Config, ConfigError, DataConfig, EvalSpec, TrainConfig
-from .data.augment import Augment
-from .data.clusters import ClusterBatchSampler, cluster_labels
-from .data.pairs import PairCollator, PairDataset, SkipCounter, iter_captions
-from .data.sources import load_pairs, load_stream, require_columns
-from .data.streaming import StreamingPairs, stream_captions
-from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
-from .inference import EncoderBundle, load_processors
-from .launch import build_accelerator, check_lost_process, full_value, is_sharded, release_reducer, whole
+from .artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, RunLock, scrub_secrets, write_json
+from .build import build_model, fit_text_config
+from .config import Config, ConfigError, EvalSpec, StopError
+from .data.pairs import SkipCounter
+from .evaluation.evaluators import run_eval, scalars
+from .evaluation.retention import Retention, RetentionError
+from .inference import EncoderBundle
+from .launch import (build_accelerator, check_lost_process, claim_output_dir, full_value, is_sharded,
+                     release_reducer, whole)
 from .losses import build_objective, image_ssl_dim, init_logit_bias
 from .model import DualEncoder
+from .optimization import build_optimizer, build_scheduler
 from .tracking import build_trackers, flatten, progress_bar
+from .train_data import (build_processors, build_stream, build_train_loader, load_eval_datasets,
+                         load_train_dataset)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (`train.optim`: foreach or fused); biases, norms and logit_scale (every parameter of
-    dim < 2) get no weight decay."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=cfg.optim == "adamw_torch_fused" or None)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> Any:
-    if cfg.lr_scheduler == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-    return get_constant_schedule_with_warmup(optimizer, cfg.warmup_steps)
-
-
-def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: bool,
-                     accelerator: Accelerator) -> tuple[Any, Any]:
-    """Tokenizer and image processor, saved to `<output_dir>/processor` by the main process.
-
-    Tokenizer training is not deterministic (ties between merges), so it runs once, on the main
-    process; the other processes, and a resumed run, load what it saved.
-    """
-    saved = output_dir / PROCESSOR_DIR
-    with accelerator.main_process_first():
-        if (resuming or not accelerator.is_main_process) and (saved / "tokenizer_config.json").is_file():
-            return load_processors(saved, config.model.trust_remote_code)
-        captions = (stream_captions(train_ds, config.data) if config.data.streaming
-                    else iter_captions(train_ds, config.data.caption_column))
-        tokenizer = build_tokenizer(config.model, captions)
-        image_processor = build_image_processor(config.model)
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(saved)
-            image_processor.save_pretrained(saved)
-    return tokenizer, image_processor
-
-
-def build_augment(data: DataConfig) -> Augment | None:
-    return Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
-
-
-def build_views(config: Config) -> Augment | None:
-    """SLIP's term: two views of each image with a stronger crop and jitter than `data.augment`."""
-    if not config.loss.image_ssl_weight:
-        return None
-    return Augment(scale=(0.3, 1.0), flip=config.data.augment_flip, jitter=0.4)
-
-
-def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
-                       accelerator: Accelerator) -> torch.utils.data.DataLoader:
-    data, tcfg = config.data, config.train
-    dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
-                          seed=tcfg.seed, augment=build_augment(data),
-                          negative_column=config.loss.hard_negative_column, views=build_views(config),
-                          max_image_bytes=data.max_image_bytes)
-    collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
-    if data.batch_sampler == "cluster":  # each batch from a few clusters: hard in-batch negatives
-        labels = cluster_labels(train_ds, data.image_column, data.cluster_model, data.num_clusters, tcfg.seed,
-                                accelerator=accelerator, num_workers=data.num_workers)
-        sampler = ClusterBatchSampler(labels, tcfg.per_device_batch_size, data.clusters_per_batch, tcfg.seed)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                                           num_workers=data.num_workers)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=tcfg.per_device_batch_size, shuffle=True, drop_last=True, collate_fn=collator,
-        num_workers=data.num_workers, persistent_workers=False)
-
-
-def load_train_dataset(config: Config, accelerator: Accelerator) -> Any:
-    data, negatives = config.data, config.loss.hard_negative_column
-    if data.streaming:
-        return load_stream(data.train_source())
-    with accelerator.main_process_first():  # a built-in dataset is built once, then read
-        ds = load_pairs(data.train_source(), data.cache_dir, data.emoji_image_size)
-    if negatives:
-        require_columns(ds, data.train_source(), {negatives: "(loss.hard_negative_column; `mmcl data "
-                                                             "mine-negatives` writes one)"})
-    return ds
-
-
-def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
-                 accelerator: Accelerator) -> StreamingPairs:
-    data = config.data
-    collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
-    return StreamingPairs(train_ds, data, image_processor, collator,
-                          config.train.per_device_batch_size, config.train.seed, accelerator.process_index,
-                          accelerator.num_processes, data.shuffle_buffer, build_augment(data),
-                          config.loss.hard_negative_column, build_views(config))
-
-
-def eval_specs(config: Config) -> dict[str, EvalSpec]:
-    """`data.validation` as the retrieval eval named "val", plus the named `eval.sets`."""
-    data, specs = config.data, {}
-    if data.validation:
-        source = data.validation_source()
-        specs["val"] = EvalSpec(**vars(source), task="retrieval", every=config.train.eval_every,
-                                max_samples=data.max_validation_samples)
-    specs.update(config.eval.sets)
-    return specs
-
-
-def load_eval_datasets(config: Config, accelerator: Accelerator) -> dict[str, tuple[EvalSpec, Any]]:
-    """Every evaluation's data, loaded at start so that a bad column fails before training."""
-    data, specs = config.data, eval_specs(config)
-    if any(spec.confusion_matrix for spec in specs.values()):
-        from .evaluation.plots import pyplot
-
-        pyplot()  # matplotlib is there, before training starts
-    with accelerator.main_process_first():
-        return {name: (spec, load_eval_dataset(spec, data.cache_dir, data.emoji_image_size))
-                for name, spec in specs.items()}
-
-
-class NonFiniteError(RuntimeError):
+class NonFiniteError(StopError):
     """`train.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
-class RetentionError(RuntimeError):
-    """A metric of `eval.retention` fell below `eval.stop_if_retention_below` x its step-0 value."""
 
 
 def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module,
@@ -191,14 +73,13 @@ class Trainer:
         self.config, tcfg = config, config.train
         self.output_dir = Path(tcfg.output_dir)
         self.accelerator = acc = build_accelerator(tcfg, build_trackers(tcfg.report_to, self.output_dir))
-        claim(lock, acc)
+        claim_output_dir(lock, acc)
         check_sharding(config, acc)
         set_seed(tcfg.seed)
         self.train_ds = load_train_dataset(config, acc)
         self.evals = load_eval_datasets(config, acc)
         self.best: float | None = None
-        self.retention_base: dict[str, float] | None = None  # eval.retention's step-0 values
-        check_retention_names(config.eval.retention, self.evals)
+        self.retention = Retention(config.eval.retention, config.eval.stop_if_retention_below, self.evals)
         resume_dir = ckpt.resolve_resume(tcfg.resume, self.output_dir)
         self.tokenizer, self.image_processor = build_processors(
             config, self.train_ds, self.output_dir, resume_dir is not None, acc)
@@ -225,14 +106,14 @@ class Trainer:
             acc.register_for_checkpointing(self.loss_fn)
         self.skipped = SkipCounter()
         self.step = self.bad_steps = self.bad_in_a_row = self.overflow_steps = 0
-        self.rows: list[int] = []  # the rows of the optimizer step being taken
+        self.rows: list[int] = []  # the rows of the optimizer step being taken (named if it goes bad)
         if resume_dir is not None:
             saved = ckpt.read_state(resume_dir)  # checked before anything is loaded or set aside
             check_geometry(saved.get("geometry"), self.geometry(), resume_dir)
             ckpt.check_config(saved.get("config"), self.flat_config(), resume_dir)
             state = ckpt.load(acc, resume_dir, self.skipped, self.stream)
             self.step, self.best = int(state["step"]), state.get("best")
-            self.retention_base = state.get("retention_base")
+            self.retention.base = state.get("retention_base")
             self.bad_steps, self.overflow_steps = int(state.get("bad_steps", 0)), int(state.get("overflow_steps", 0))
         elif acc.is_main_process:  # a fresh run starts a fresh log (a resumed one appends)
             (self.output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
@@ -246,8 +127,13 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides Accelerate's state."""
         return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps,
-                "overflow_steps": self.overflow_steps, "retention_base": self.retention_base,
+                "overflow_steps": self.overflow_steps, "retention_base": self.retention.base,
                 "config": self.flat_config()}
+
+    def checkpoint(self) -> Path:
+        """The full training state at this step (`mmcl.checkpoint.save`)."""
+        return ckpt.save(self.accelerator, self.output_dir, self.step, self.config.train.keep_last, self.skipped,
+                         self.stream, self.state(), self.state_bytes)
 
     def state_bytes(self) -> int:
         """About what a checkpoint takes: the weights and AdamW's two moments of the trained ones."""
@@ -301,7 +187,7 @@ class Trainer:
             metrics.update(scalars(name, results))
             self.draw_confusion(spec, results)
         if metrics:
-            retained = self.retention(metrics)
+            retained = self.retention.ratios(metrics)
             self.accelerator.log({**metrics, **retained}, step=self.step)
             self.accelerator.print(" ".join(f"{k}={v:.4g}" for k, v in {**metrics, **retained}.items()
                                             if "R@" in k or "top" in k or "recall" in k or k in retained))
@@ -312,38 +198,23 @@ class Trainer:
 
     def measure_retention_base(self) -> None:
         """Before the first step of a fine-tuning run: what the model knows that it must keep."""
-        watched = self.config.eval.retention
-        if not watched or self.retention_base is not None:
+        sets = self.retention.due()
+        if sets is None:
             return
-        metrics = self.evaluate(only={name.split("/")[0] for name in watched})
-        missing = [name for name in watched if name not in metrics]
-        if missing:
-            raise ConfigError(f"eval.retention: {', '.join(missing)} not among the metrics of those sets: "
-                              f"{', '.join(sorted(metrics))}")
-        self.retention_base = {name: metrics[name] for name in watched}
-        self.accelerator.log(self.retention(metrics), step=self.step)  # 1.0 (where the value is not 0)
+        metrics = self.evaluate(only=sets)
+        self.retention.set_base(metrics)
+        self.accelerator.log(self.retention.ratios(metrics), step=self.step)  # 1.0 (where the value is not 0)
         self.accelerator.print("retention: step-0 values " + ", ".join(f"{k}={v:.4g}" for k, v in
-                                                                        self.retention_base.items()))
+                                                                        self.retention.base.items()))
 
-    def retention(self, metrics: dict[str, float]) -> dict[str, float]:
-        """`retention/<metric>` = value / its step-0 value, for the watched metrics measured now."""
-        base = self.retention_base or {}
-        return {f"retention/{name}": metrics[name] / base[name] if base[name] else float("nan")
-                for name in base if name in metrics}
-
-    def stop_if_forgetting(self, retained: dict[str, float]) -> None:
-        limit = self.config.eval.stop_if_retention_below
-        fallen = {k: v for k, v in retained.items() if limit is not None and v < limit}
-        if not fallen:
+    def stop_if_forgetting(self, ratios: dict[str, float]) -> None:
+        said = self.retention.fallen(ratios)
+        if not said:
             return
-        tcfg = self.config.train
-        folder = ckpt.save(self.accelerator, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream,
-                           self.state(), self.state_bytes())
-        said = "; ".join(f"{k.removeprefix('retention/')} is {v:.3f} x its step-0 value "
-                         f"{self.retention_base[k.removeprefix('retention/')]:.4g}" for k, v in fallen.items())
-        raise RetentionError(f"step {self.step}: {said}, below eval.stop_if_retention_below={limit}; the model of "
-                             f"this step is checkpointed in {folder}. Lower train.learning_rate, lock more layers, "
-                             "or mix the models with mmcl wise-ft")
+        folder = self.checkpoint()
+        raise RetentionError(f"step {self.step}: {said}, below eval.stop_if_retention_below={self.retention.limit}; "
+                             f"the model of this step is checkpointed in {folder}. Lower train.learning_rate, lock "
+                             "more layers, or mix the models with mmcl wise-ft")
 
     def draw_confusion(self, spec: EvalSpec, results: dict[str, Any]) -> None:
         if spec.confusion_matrix and "confusion" in results and self.accelerator.is_main_process:
@@ -385,17 +256,16 @@ class Trainer:
             step_loss += loss.float() / tcfg.gradient_accumulation_steps  # no .item(): no device sync
             if not synced:
                 continue
+            step_total, step_loss = step_loss, torch.zeros((), device=acc.device)
+            rows, self.rows = self.rows, []
             if not finite(grad_norm):
-                if self.scaler_overflow(step_loss):
+                if self.scaler_overflow(step_total):
                     self.overflow_steps += 1
                 else:
-                    self.skip_update(step_loss, grad_norm)
-                step_loss = torch.zeros((), device=acc.device)
-                self.rows = []
+                    self.skip_update(step_total, grad_norm, rows)
                 continue
-            window_loss += step_loss
-            step_loss = torch.zeros((), device=acc.device)
-            self.rows, self.bad_in_a_row = [], 0
+            window_loss += step_total
+            self.bad_in_a_row = 0
             with whole([self.unwrapped.logit_scale], modify=True):
                 self.unwrapped.clamp_logit_scale()
             self.scheduler.step()
@@ -412,8 +282,7 @@ class Trainer:
             if self.step < tcfg.max_steps:
                 self.evaluate()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
-                ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state(),
-                          self.state_bytes())
+                self.checkpoint()
             if self.step % tcfg.log_every == 0:  # evaluation and checkpoint time is not training time
                 window_start = time.perf_counter()
         bar.close()
@@ -425,14 +294,13 @@ class Trainer:
         acc = self.accelerator
         return acc.scaler is not None and math.isfinite(acc.reduce(loss.detach().clone(), reduction="mean").item())
 
-    def skip_update(self, loss: torch.Tensor, grad_norm: Any) -> None:
+    def skip_update(self, loss: torch.Tensor, grad_norm: Any, rows: list[int]) -> None:
         """The optimizer step just taken had a non-finite gradient norm and was skipped (see
         `training_step`): no scheduler step either. Say which rows it read; after
         `train.max_bad_steps` in a row, checkpoint the last good state and stop."""
         acc, tcfg = self.accelerator, self.config.train
         self.bad_steps, self.bad_in_a_row = self.bad_steps + 1, self.bad_in_a_row + 1
-        rows = sorted(row for part in gather_object([self.rows]) for row in part)
-        self.rows = []
+        rows = sorted(row for part in gather_object([rows]) for row in part)
         loss = acc.reduce(loss.detach().clone(), reduction="mean").item()
         shown = ", ".join(map(str, rows[:32])) + (f", ... ({len(rows)} rows)" if len(rows) > 32 else "")
         acc.print(f"step {self.step + 1}: non-finite loss {loss:.4g} / gradient norm {float(grad_norm):.4g}; update "
@@ -440,8 +308,7 @@ class Trainer:
         acc.log({"train/bad_steps": float(self.bad_steps)}, step=self.step)
         if self.bad_in_a_row < tcfg.max_bad_steps:
             return
-        folder = ckpt.save(acc, self.output_dir, self.step, tcfg.keep_last, self.skipped, self.stream, self.state(),
-                           self.state_bytes())
+        folder = self.checkpoint()
         raise NonFiniteError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
                              f"(train.max_bad_steps={tcfg.max_bad_steps}); saved the last good state (step {self.step}) "
                              f"to {folder}. Look at the rows above; --train.resume=latest continues after these "
@@ -479,13 +346,6 @@ class Trainer:
         return metrics
 
 
-def check_retention_names(watched: list[str], evals: dict[str, Any]) -> None:
-    unknown = [name for name in watched if name.split("/")[0] not in evals]
-    if unknown:
-        raise ConfigError(f"eval.retention: {', '.join(unknown)} names no evaluation set; the sets are: "
-                          f"{', '.join(evals) or 'none'} (write <set>/<metric>, e.g. keep/top1)")
-
-
 def check_geometry(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path) -> None:
     if saved is not None and saved != now:
         changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
@@ -507,22 +367,6 @@ def check_sharding(config: Config, acc: Accelerator) -> None:
                           "DeepSpeed set loss.momentum=0 (a queue of the model's own embeddings) or use DDP")
 
 
-def claim(lock: RunLock, acc: Accelerator) -> None:
-    """The main process locks the output folder; when another run holds it, every process stops."""
-    outcome: list[Any] = [None, None]  # (the error, a warning)
-    if acc.is_main_process:
-        try:
-            outcome = [None, lock.acquire()]
-        except OSError as error:  # in use; or the folder cannot be written: every process stops, not only this one
-            lock.release()
-            outcome = [error, None]
-    error, warning = broadcast_object_list(outcome)
-    if error:
-        raise error
-    if warning:
-        acc.print(f"warning: {warning}")
-
-
 def train(config: Config) -> dict[str, float]:
     """Train the model `config` describes; returns the final metrics (also in metrics.json).
     `mmcl.publish.publish_run` then exports (and pushes) the final model, as `mmcl train` does.
@@ -535,6 +379,8 @@ def train(config: Config) -> dict[str, float]:
         trainer = Trainer(config, lock)
         try:
             return trainer.run()
+        except StopError:
+            raise
         except RuntimeError as error:
             check_lost_process(trainer.accelerator, trainer.step, error)
             raise

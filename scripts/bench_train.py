@@ -83,7 +83,8 @@ def mmcl_step_fn(impl: str, precision: str, options: list[str]) -> tuple[Callabl
     from mmcl.build import build_model
     from mmcl.config import ModelConfig, TrainConfig, build_section, parse_overrides
     from mmcl.losses import ClipLoss, Objective
-    from mmcl.train import build_optimizer, training_step
+    from mmcl.optimization import build_optimizer
+    from mmcl.train import training_step
 
     text, vision = clip_towers() if impl == "mmcl_clip" else bert_vit()
     chosen = parse_overrides([f"--{o}" for o in options])

@@ -47,7 +47,8 @@ def main() -> None:
     from mmcl.config import load_config
     from mmcl.launch import build_accelerator
     from mmcl.losses import build_objective
-    from mmcl.train import build_optimizer, training_step
+    from mmcl.optimization import build_optimizer
+    from mmcl.train import training_step
 
     config = load_config(args.config, args.overrides + extra)
     config.train.output_dir = tempfile.mkdtemp(prefix="mmcl-gpu-check-")

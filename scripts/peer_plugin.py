@@ -32,6 +32,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
     from accelerate import Accelerator
 
     import mmcl.train as mt
+    from mmcl.optimization import build_optimizer
     from mmcl.build import build_model
     from mmcl.config import ModelConfig, TrainConfig
     from mmcl.losses import ClipLoss, Objective
@@ -47,7 +48,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
                        max_grad_norm=None, mixed_precision={"fp32": "no"}.get(precision, precision),
                        optim=options.get("optim", "adamw_torch"))
     acc = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=True)
-    opt = mt.build_optimizer(model, tcfg)
+    opt = build_optimizer(model, tcfg)
     pmodel, opt = acc.prepare(model, opt)
     loss_fn = ClipLoss()
     objective = Objective(loss_fn, acc)  # what mmcl's loop calls: objective(model, batch)

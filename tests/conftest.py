@@ -1,6 +1,7 @@
 """Offline, quiet, and one shared emoji cache per test session."""
 
 import os
+import socket
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -81,3 +82,10 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A port no earlier (or stray) launch is using: a fixed one could meet a leftover process."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

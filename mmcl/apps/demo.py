@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..evaluation.zero_shot import load_class_names
 from .predict import folder_embeddings, list_images, load_for_inference, predict, text_embeddings
 
 EXAMPLE_LABELS = "a red heart, a smiling face, a cat, a car, a tree"
@@ -28,13 +29,6 @@ def import_gradio() -> Any:
     return gradio
 
 
-def parse_labels(text: str) -> list[str]:
-    labels = [label.strip() for label in text.replace("\n", ",").split(",") if label.strip()]
-    if len(labels) < 2:
-        raise ValueError("type at least two labels, separated by commas")
-    return labels
-
-
 def build_demo(model: str, images: str | None = None) -> Any:
     """The page as a `gradio.Blocks`; the model is loaded, and the folder embedded (or its cached
     embeddings read), once here."""
@@ -47,10 +41,9 @@ def build_demo(model: str, images: str | None = None) -> Any:
     def classify(image: str | None, labels: str) -> dict[str, float]:
         if not image:
             raise gr.Error("upload or pick an image")
-        try:
-            names = parse_labels(labels)
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
+        names = load_class_names(labels.replace("\n", ","))  # as `mmcl predict --labels`
+        if len(names) < 2:
+            raise gr.Error("type at least two labels, separated by commas")
         row = predict(bundle, accelerator, [Path(image)], names, top_k=len(names))[0]
         if "error" in row:
             raise gr.Error(f"{Path(image).name}: {row['error']}")

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import NoReturn
 
-from ..config import ConfigError
+from ..config import ConfigError, StopError
 from . import apps, data, evaluate, publish, train
 
 COMMAND_GROUPS = (train, evaluate, data, apps, publish)
@@ -49,9 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__  # one line
         print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if type(err).__name__ not in ("LostProcessError", "NonFiniteError", "SaveError", "RetentionError"):  # mmcl's
-            raise
+    except StopError as err:  # a lost process, non-finite steps, a full disk, forgetting
         print(f"{args.parser.prog}: error: {err}", file=sys.stderr, flush=True)
         return 1
 

@@ -6,7 +6,6 @@ saved. Skipped, saying why, when gradio, Playwright or Chromium is not installed
 import importlib.util
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mmcl.train import train
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 from tests.test_train import debug_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -25,12 +24,6 @@ MISSING = next((why for why, gone in [
     ('gradio is not installed: pip install "mmcl[demo]"', importlib.util.find_spec("gradio") is None),
     ("Playwright is not installed: pip install playwright", importlib.util.find_spec("playwright") is None),
     ("no Chromium on this machine: apt-get install -y chromium", CHROMIUM is None)] if gone), None)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_page(url, server):

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import DEBUG_CONFIG, REPO
+from tests.conftest import DEBUG_CONFIG, REPO, free_port
 
 LAUNCH_CONFIGS = REPO / "configs" / "accelerate"
 TOLERANCE = 1e-5  # measured max difference: see the closing note of issue 10 (about 1e-7)
@@ -35,13 +34,6 @@ def train_args(out, emoji_cache, small_emoji, tokenizer, batch, *extra):
             f"--train.per_device_batch_size={batch}", f"--train.max_steps={STEPS}", "--train.log_every=1",
             "--train.checkpoint_every=3", "--train.keep_last=0", "--train.progress_bar=false",
             "--train.warmup_steps=0", "--hub.export=false", *extra]
-
-
-def free_port():
-    """A port no earlier (or stray) launch is using: a fixed one could meet a leftover worker."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(cmd, **env):
