@@ -14,6 +14,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTraine
 from .artifacts import MODEL_CONFIG_NAME, check_model_reference
 from .config import ConfigError, ModelConfig
 from .inference import load_hf_dual_encoder, load_pretrained
+from .lora import apply_lora, is_adapter_weight
 from .model import DualEncoder, DualEncoderConfig, tower_from_dict
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -96,6 +97,7 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
             projection_dim=cfg.projection_dim, init_temperature=cfg.init_temperature,
             max_logit_scale=cfg.max_logit_scale, init_logit_bias=init_logit_bias, image_ssl_dim=image_ssl_dim)
         model = DualEncoder(config, text, vision)
+    apply_lora(model, cfg)
     apply_freezing(model, cfg)
     apply_activation_checkpointing(model, cfg)
     apply_attention(model, cfg)
@@ -129,7 +131,8 @@ def _blocks(tower: nn.Module) -> nn.ModuleList:
 
 
 def _lock(tower: nn.Module, unlocked_layers: int) -> None:
-    """Freeze a tower except its last `unlocked_layers` blocks and everything after them."""
+    """Freeze a tower except its last `unlocked_layers` blocks and everything after them, and its
+    LoRA adapters."""
     names = [n for n, _ in tower.named_parameters()]
     keep_from = len(names)
     if unlocked_layers > 0:
@@ -139,16 +142,16 @@ def _lock(tower: nn.Module, unlocked_layers: int) -> None:
                               f"it has {len(blocks)}")
         first = {id(p) for p in blocks[-unlocked_layers].parameters()}
         keep_from = next(i for i, (_, p) in enumerate(tower.named_parameters()) if id(p) in first)
-    for i, (_, param) in enumerate(tower.named_parameters()):
-        param.requires_grad_(i >= keep_from)
+    for i, (name, param) in enumerate(tower.named_parameters()):
+        param.requires_grad_(i >= keep_from or is_adapter_weight(name))
 
 
 def apply_freezing(model: DualEncoder, cfg: ModelConfig) -> None:
-    """LiT and friends: `lock_vision` / `lock_text`, keeping the last `unlock_*_layers` blocks trainable."""
-    if cfg.lock_vision:
-        _lock(model.vision_model, cfg.unlock_vision_layers)
-    if cfg.lock_text:
-        _lock(model.text_model, cfg.unlock_text_layers)
+    """LiT and friends: `lock_vision` / `lock_text` (and a tower with LoRA adapters), keeping the last
+    `unlock_*_layers` blocks trainable."""
+    for key in ("text", "vision"):
+        if getattr(cfg, f"lock_{key}") or key in cfg.lora:
+            _lock(getattr(model, f"{key}_model"), getattr(cfg, f"unlock_{key}_layers"))
 
 
 def apply_activation_checkpointing(model: DualEncoder, cfg: ModelConfig) -> None:

@@ -4,6 +4,7 @@ into place only when complete, so the newest `step-*` folder is always a usable 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -11,8 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from safetensors import safe_open
 
 from .artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, explain_write_errors,
                         folder_bytes, replace_dir, save_training_config, staging_dir, write_json)
@@ -117,9 +120,51 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
     return final
 
 
-def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: Any = None) -> dict[str, Any]:
-    """Restore the training state; returns the saved state (its "step" is where to continue)."""
-    accelerator.load_state(str(folder))
+def frozen_fingerprint(model: torch.nn.Module) -> str | None:
+    """A SHA-256 of the frozen parameters (names and bytes); None when every parameter trains."""
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    digest = hashlib.sha256()
+    for name, param in frozen:
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def drop_frozen(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """An `accelerator.register_save_state_pre_hook`: a checkpoint holds what trains (and the
+    buffers), not the frozen weights, which a resume rebuilds from the config (a locked or LoRA
+    tower's pretrained weights: the same bytes, checked by `frozen_fingerprint`)."""
+    for model, state in zip(models, weights):
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if not param.requires_grad:  # the state dict may name it with or without DDP's "module."
+                state.pop(name, None)
+                state.pop(name.removeprefix("module."), None)
+
+
+def check_frozen(folder: Path, model: torch.nn.Module, saved: str | None, now: str) -> None:
+    """Before a resume that rebuilt the frozen weights: they are those the checkpoint trained with,
+    and the checkpoint has every weight that trains."""
+    if saved is not None and saved != now:
+        raise ConfigError(f"train.resume: the frozen weights differ from those {folder} was trained with (a "
+                          "pretrained tower or model.init_from folder was changed since?): put them back, or start a "
+                          "new run in another train.output_dir")
+    path = folder / "model.safetensors"
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            keys = set(f.keys())
+        missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in keys]
+        if missing:
+            raise ConfigError(f"train.resume: {path} lacks {len(missing)} weights that train, e.g. {missing[0]} (was "
+                              "it saved with other model.lora or lock settings?)")
+
+
+def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: Any = None,
+         whole_model: bool = True) -> dict[str, Any]:
+    """Restore the training state; returns the saved state (its "step" is where to continue).
+    `whole_model` False: the checkpoint left the frozen weights out (`drop_frozen`, `check_frozen`)."""
+    accelerator.load_state(str(folder), strict=whole_model)
     if stream is not None:
         path = folder / f"stream_state_{accelerator.process_index}.json"
         if not path.is_file():

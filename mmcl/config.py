@@ -37,6 +37,21 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
 
 
 Pooling = Literal["pooler", "cls", "mean"]
+TOWERS = ("text", "vision")
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters on one tower, through peft: the tower's own weights freeze and a rank-`r`
+    update (scaled by `alpha / r`) trains beside each targeted linear layer. At the end of the run
+    the updates are merged in, so the saved model is a plain one."""
+
+    r: int = option(8, "rank of each update")
+    alpha: float = option(16.0, "the update is scaled by alpha / r")
+    dropout: float = option(0.0, "dropout on the adapters' input")
+    target_modules: list[str] | str | None = option(
+        None, "module names (a list), a regex, or all-linear; empty: peft's default for the tower's model type, "
+              "else all-linear")
 
 
 @dataclass
@@ -70,11 +85,13 @@ class ModelConfig:
     init_temperature: float = option(0.07, "logit_scale starts at ln(1 / init_temperature)")
     max_logit_scale: float = option(100.0, "logit_scale is clamped to ln(this) after every step")
     # `unlock_*_layers` keeps the last N blocks (and what follows them: final norm, pooler)
-    # trainable inside a locked tower.
+    # trainable inside a locked tower (or one with LoRA adapters).
     lock_vision: bool = option(False, "freeze the vision tower (LiT)")
     lock_text: bool = option(False, "freeze the text tower")
     unlock_vision_layers: int = option(0, "in a locked vision tower, train its last N blocks")
     unlock_text_layers: int = option(0, "in a locked text tower, train its last N blocks")
+    lora: dict[str, LoraSpec] = option(help="LoRA adapters per tower (text, vision; the peft extra), e.g. "
+                                            "{text: {r: 8}}; a tower with adapters is locked", factory=dict)
     # Activation checkpointing: keep only each block's input, recompute the rest in backward
     text_activation_checkpointing: bool = option(False, "text tower: less activation memory, its forward run twice")
     vision_activation_checkpointing: bool = option(False, "vision tower: less activation memory, its forward run twice")
@@ -384,7 +401,13 @@ def _merge_free_dicts(config: Config, overrides: dict[str, Any]) -> dict[str, An
             current = getattr(target, key, None)
             if isinstance(current, dict) and isinstance(value, dict):
                 merged = dict(current)
-                merged.update({k: _parse_yaml(v, f"{section_name}.{key}.{k}") if isinstance(v, str) else v for k, v in value.items()})
+                for k, v in value.items():
+                    where = f"{section_name}.{key}.{k}"
+                    if dataclasses.is_dataclass(merged.get(k)) and isinstance(v, dict):  # e.g. model.lora.text.r
+                        merged[k] = dataclasses.replace(merged[k])
+                        _apply(merged[k], v, f"{where}.")
+                    else:
+                        merged[k] = _parse_yaml(v, where) if isinstance(v, str) else v
                 section[key] = merged
     return overrides
 
@@ -460,6 +483,12 @@ def validate(config: Config) -> None:
             raise ConfigError("set model.text_model (folder or Hub id) or model.text_config.model_type")
         if not (m.vision_model or m.vision_config.get("model_type")):
             raise ConfigError("set model.vision_model (folder or Hub id) or model.vision_config.model_type")
+    for tower, spec in m.lora.items():
+        if tower not in TOWERS:
+            raise ConfigError(f"model.lora.{tower}: LoRA goes on a tower: text or vision")
+        if spec.r < 1 or spec.alpha <= 0 or not 0.0 <= spec.dropout < 1.0:
+            raise ConfigError(f"model.lora.{tower}: needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={spec.r}, "
+                              f"alpha={spec.alpha}, dropout={spec.dropout})")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"'train.{key}' must be >= 1")

@@ -71,6 +71,15 @@ def shard_on_cpu(acc: Accelerator) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far, in MiB: allocated on a CUDA device, else resident (RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def is_sharded(acc: Accelerator) -> bool:
     """Parameters are split across processes (FSDP, DeepSpeed ZeRO-3): read them with `full_value`,
     save them through `accelerator.get_state_dict`."""

@@ -26,7 +26,8 @@ from .evaluation.evaluators import run_eval, scalars
 from .evaluation.retention import Retention, RetentionError
 from .inference import EncoderBundle
 from .launch import (build_accelerator, check_lost_process, claim_output_dir, full_value, is_sharded,
-                     release_reducer, whole)
+                     peak_memory_mb, release_reducer, whole)
+from .lora import merged_weights, parameter_counts
 from .losses import build_objective, image_ssl_dim, init_logit_bias
 from .model import DualEncoder
 from .optimization import build_optimizer, build_scheduler
@@ -101,6 +102,9 @@ class Trainer:
                                   f"({tcfg.per_device_batch_size} x {acc.num_processes} processes); lower "
                                   "train.per_device_batch_size")
         acc.register_for_checkpointing(self.scheduler)
+        self.frozen = None if is_sharded(acc) else ckpt.frozen_fingerprint(model)
+        if self.frozen:  # checkpoints hold what trains; a resume rebuilds the rest
+            acc.register_save_state_pre_hook(ckpt.drop_frozen)
         self.loss_fn = build_objective(config.loss, self.model, acc)
         if self.loss_fn.has_state():  # a queue and its momentum copy: checkpointed with the rest
             acc.register_for_checkpointing(self.loss_fn)
@@ -111,7 +115,9 @@ class Trainer:
             saved = ckpt.read_state(resume_dir)  # checked before anything is loaded or set aside
             check_geometry(saved.get("geometry"), self.geometry(), resume_dir)
             ckpt.check_config(saved.get("config"), self.flat_config(), resume_dir)
-            state = ckpt.load(acc, resume_dir, self.skipped, self.stream)
+            if self.frozen:
+                ckpt.check_frozen(resume_dir, self.unwrapped, saved.get("frozen_sha256"), self.frozen)
+            state = ckpt.load(acc, resume_dir, self.skipped, self.stream, whole_model=self.frozen is None)
             self.step, self.best = int(state["step"]), state.get("best")
             self.retention.base = state.get("retention_base")
             self.bad_steps, self.overflow_steps = int(state.get("bad_steps", 0)), int(state.get("overflow_steps", 0))
@@ -128,7 +134,7 @@ class Trainer:
         """What a checkpoint keeps besides Accelerate's state."""
         return {"best": self.best, "geometry": self.geometry(), "bad_steps": self.bad_steps,
                 "overflow_steps": self.overflow_steps, "retention_base": self.retention.base,
-                "config": self.flat_config()}
+                "config": self.flat_config(), "frozen_sha256": self.frozen}
 
     def checkpoint(self) -> Path:
         """The full training state at this step (`mmcl.checkpoint.save`)."""
@@ -136,9 +142,10 @@ class Trainer:
                          self.stream, self.state(), self.state_bytes)
 
     def state_bytes(self) -> int:
-        """About what a checkpoint takes: the weights and AdamW's two moments of the trained ones."""
+        """About what a checkpoint takes: the trained weights and their two AdamW moments (and the
+        frozen weights, when checkpoints keep them)."""
         params = list(self.unwrapped.parameters())
-        return sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in params)
+        return sum(p.numel() * p.element_size() * (3 if p.requires_grad else int(not self.frozen)) for p in params)
 
     def flat_config(self) -> dict[str, Any]:
         return flatten(scrub_secrets(self.config.to_dict()))
@@ -171,9 +178,22 @@ class Trainer:
         while True:
             self.loader.set_epoch(epoch)
             self.loader.dataset.set_epoch(epoch)
-            loader = self.accelerator.skip_first_batches(self.loader, done * accum) if done else self.loader
-            yield from loader
+            if done:
+                yield from self.resumed_epoch(done * accum)
+            else:
+                yield from self.loader
             epoch, done = epoch + 1, 0
+
+    def resumed_epoch(self, consumed: int) -> Any:
+        """The rest of an epoch a checkpoint was taken in. Starting a DataLoader's iterator draws its
+        base seed from torch's global RNG, which the uninterrupted run drew at the epoch's start, long
+        before: that draw is undone, so dropout masks go on from the RNG state the checkpoint restored."""
+        batches = iter(self.accelerator.skip_first_batches(self.loader, consumed))
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches, None)
+        if first is not None:
+            yield first
+            yield from batches
 
     def evaluate(self, final: bool = False, only: set[str] | None = None) -> dict[str, float]:
         """The evaluations due at this step (all of them when `final`; the sets `only` names when
@@ -235,9 +255,10 @@ class Trainer:
 
     def save_model(self, folder: Path, info: dict[str, Any] | None = None) -> None:
         """The model folder (final, best), written by the main process. Every process calls this:
-        under FSDP / ZeRO-3 `get_state_dict` gathers the shards into a full state dict on the main one."""
+        under FSDP / ZeRO-3 `get_state_dict` gathers the shards into a full state dict on the main one.
+        LoRA adapters are merged into the saved weights: the folder is a plain model."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.model) if is_sharded(acc) else None
+        state = acc.get_state_dict(self.model) if is_sharded(acc) else merged_weights(self.unwrapped)
         if acc.is_main_process:
             ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, folder, info, state)
         acc.wait_for_everyone()
@@ -245,6 +266,8 @@ class Trainer:
     def run(self) -> dict[str, float]:
         tcfg, acc = self.config.train, self.accelerator
         acc.init_trackers("mmcl", config=self.flat_config())
+        trainable, total = parameter_counts(self.unwrapped)
+        acc.print(f"parameters: {trainable:,} of {total:,} train ({trainable / total:.2%})")
         self.measure_retention_base()
         bar = progress_bar(tcfg, acc, initial=self.step)
         window_loss, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
@@ -331,8 +354,10 @@ class Trainer:
             self.stream.close()
         metrics = self.evaluate(final=True)
         skipped = ckpt.gather_skipped(self.skipped)
+        trainable, total = parameter_counts(self.unwrapped)
         metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s, "train/bad_steps": float(self.bad_steps),
-                        "train/skipped_images": float(len(skipped.rows))})
+                        "train/skipped_images": float(len(skipped.rows)), "train/trainable_params": float(trainable),
+                        "train/params": float(total), "train/peak_memory_mb": peak_memory_mb(acc.device)})
         if skipped.rows:
             acc.print(skipped.summary())
         final = self.output_dir / FINAL_DIR
@@ -358,6 +383,9 @@ def check_sharding(config: Config, acc: Accelerator) -> None:
     """The options that are not sharding-safe yet, refused before anything is prepared."""
     if not is_sharded(acc):
         return
+    if config.model.lora:
+        raise ConfigError("model.lora is not supported with sharded parameters (FSDP / DeepSpeed) yet: its adapters "
+                          "are merged from whole weights; use a DDP launch config")
     loss = config.loss
     if loss.cache_chunk:
         raise ConfigError("loss.cache_chunk (GradCache) is not supported with sharded parameters (FSDP / DeepSpeed) "
