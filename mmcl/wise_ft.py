@@ -2,7 +2,8 @@
 mix (1 - alpha) * pretrained + alpha * fine-tuned of two models of one architecture. alpha 0 is the
 pretrained model, 1 the fine-tuned one; in between often keeps most of the pretrained model's
 zero-shot ability and most of the fine-tuned model's gain. `mmcl wise-ft PRETRAINED FINETUNED
---alpha 0.5 OUT` writes the mix as an mmcl model folder.
+OUT --alpha 0.5` writes the mix as an mmcl model folder; `--alpha 0,0.25,0.5,0.75,1 --eval CONFIG`
+evaluates each mix on the config's evaluation sets instead (`sweep`) and draws the trade-off.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import filecmp
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .artifacts import INFO_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, atomic_dir, write_json
-from .config import ConfigError
+from .config import Config, ConfigError
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "merges.txt", "spiece.model")
 
@@ -54,14 +56,81 @@ def check_same_tokenizer(pretrained: Path, finetuned: Path) -> None:
                               "embeddings cannot be mixed (fine-tune with the pretrained model's tokenizer)")
 
 
-def wise_ft(pretrained: str | Path, finetuned: str | Path, alpha: float, out: str | Path) -> Path:
-    """Write the mix of two mmcl model folders to `out` (the fine-tuned folder's config, tokenizer
-    and image processor, the mixed weights, and `mmcl_info.json` saying what was mixed)."""
-    pretrained, finetuned, out = Path(pretrained), Path(finetuned), Path(out)
+def check_inputs(pretrained: Path, finetuned: Path) -> None:
     for folder in (pretrained, finetuned):
         if not (folder / MODEL_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{folder} has no {MODEL_CONFIG_NAME}: WiSE-FT mixes two mmcl model folders")
     check_same_tokenizer(pretrained, finetuned)
+
+
+def parse_alphas(text: str) -> list[float]:
+    """"0.5" or "0,0.25,0.5,0.75,1" -> the alphas, each checked."""
+    try:
+        alphas = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ConfigError(f"--alpha {text}: give a number or a comma-separated list, e.g. 0,0.25,0.5,0.75,1") from error
+    bad = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if not alphas or bad:
+        raise ConfigError(f"--alpha {text}: WiSE-FT mixes with 0 <= alpha <= 1")
+    return alphas
+
+
+def axes(config: Config, target: str | None, retention: str | None, sets: list[str]) -> tuple[str, str]:
+    """The trade-off's two metrics: the target task's (default `eval.best_metric`) and the one
+    that measures what the model keeps (default the first of `eval.retention`)."""
+    target = target or config.eval.best_metric
+    retention = retention or (config.eval.retention or [None])[0]
+    for flag, key, name in (("--target", "eval.best_metric", target), ("--retention", "eval.retention", retention)):
+        if not name or name.split("/")[0] not in sets:
+            raise ConfigError(f"{flag} {name or '(unset)'}: give <set>/<metric> with <set> one of the config's "
+                              f"evaluations ({', '.join(sets) or 'none'}), here or as {key} in the config")
+    return target, retention
+
+
+def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], out: str | Path, config: Config,
+          target: str | None = None, retention: str | None = None) -> list[dict[str, Any]]:
+    """Evaluate the mix at each alpha (in memory) on `config`'s evaluation sets (`data.validation`
+    as "val", and `eval.sets`); write OUT/wise_ft_sweep.json and the trade-off curve
+    OUT/wise_ft_curve.png (retention across, the target metric up)."""
+    from accelerate import Accelerator
+
+    from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
+    from .evaluation.plots import save_tradeoff_curve
+    from .inference import load_encoder
+    from .train_data import eval_specs
+
+    pretrained, finetuned, out = Path(pretrained), Path(finetuned), Path(out)
+    check_inputs(pretrained, finetuned)
+    specs = eval_specs(config)
+    target, retention = axes(config, target, retention, list(specs))
+    data = {name: (spec, load_eval_dataset(spec, config.data.cache_dir, config.data.emoji_image_size))
+            for name, spec in specs.items()}
+    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    bundle = load_encoder(str(finetuned)).to(accelerator.device)
+    a, b = load_file(pretrained / WEIGHTS_NAME), load_file(finetuned / WEIGHTS_NAME)
+    rows = []
+    for alpha in alphas:
+        bundle.encoder.load_state_dict(mix_weights(a, b, alpha))
+        row: dict[str, Any] = {"alpha": alpha}
+        for name, (spec, ds) in data.items():
+            row.update(scalars(name, run_eval(bundle, ds, spec, accelerator, config.eval)))
+        missing = [m for m in (target, retention) if m not in row]
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: not among the measured metrics {', '.join(sorted(row)[1:])}")
+        print(f"alpha {alpha:g}: {target} {row[target]:.4f}, {retention} {row[retention]:.4f}")
+        rows.append(row)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "wise_ft_sweep.json", {"pretrained": str(pretrained), "finetuned": str(finetuned),
+                                            "target": target, "retention": retention, "rows": rows})
+    save_tradeoff_curve(rows, retention, target, out / "wise_ft_curve.png", f"WiSE-FT: {finetuned}")
+    return rows
+
+
+def wise_ft(pretrained: str | Path, finetuned: str | Path, alpha: float, out: str | Path) -> Path:
+    """Write the mix of two mmcl model folders to `out` (the fine-tuned folder's config, tokenizer
+    and image processor, the mixed weights, and `mmcl_info.json` saying what was mixed)."""
+    pretrained, finetuned, out = Path(pretrained), Path(finetuned), Path(out)
+    check_inputs(pretrained, finetuned)
     mixed = mix_weights(load_file(pretrained / WEIGHTS_NAME), load_file(finetuned / WEIGHTS_NAME), alpha)
     with atomic_dir(out) as tmp:
         for path in finetuned.iterdir():

@@ -34,10 +34,22 @@ def push(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def wise_ft(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..wise_ft import parse_alphas, sweep
     from ..wise_ft import wise_ft as mix
 
-    out = mix(args.pretrained, args.finetuned, args.alpha, args.out)
-    print(f"wrote {out}: {1 - args.alpha:g} x {args.pretrained} + {args.alpha:g} x {args.finetuned}")
+    alphas = parse_alphas(args.alpha)
+    if args.eval:
+        from ..config import load_config
+
+        # the models are the two folders: the config gives the evaluations (its model keys need not be set)
+        config = load_config(args.eval, [f"--model.init_from={args.finetuned}", *extra])
+        sweep(args.pretrained, args.finetuned, alphas, args.out, config, args.target, args.retention)
+        print(f"wrote {args.out}/wise_ft_sweep.json and {args.out}/wise_ft_curve.png")
+        return 0
+    if len(alphas) > 1 or extra:
+        args.parser.error("several alphas (or config overrides) need --eval CONFIG, which names the evaluations")
+    out = mix(args.pretrained, args.finetuned, alphas[0], args.out)
+    print(f"wrote {out}: {1 - alphas[0]:g} x {args.pretrained} + {alphas[0]:g} x {args.finetuned}")
     return 0
 
 
@@ -67,5 +79,12 @@ def register(sub: Any) -> None:
     wise.add_argument("pretrained", help="the model before fine-tuning (an mmcl model folder)")
     wise.add_argument("finetuned", help="the fine-tuned model (an mmcl model folder)")
     wise.add_argument("out", help="the folder to write")
-    wise.add_argument("--alpha", type=float, default=0.5, help="the fine-tuned model's weight, 0..1")
-    wise.set_defaults(func=wise_ft, parser=wise)
+    wise.add_argument("--alpha", default="0.5", help="the fine-tuned model's weight, 0..1; with --eval, a list "
+                                                     "to sweep: 0,0.25,0.5,0.75,1")
+    wise.add_argument("--eval", default=None, metavar="CONFIG", help="sweep: evaluate each mix on this mmcl config's "
+                      "evaluations (data.validation, eval.sets; --section.key=value overrides follow) and write "
+                      "OUT/wise_ft_sweep.json and OUT/wise_ft_curve.png instead of a model")
+    wise.add_argument("--target", default=None, help="sweep: the fine-tuning task's metric (default eval.best_metric)")
+    wise.add_argument("--retention", default=None, help="sweep: the metric of what the model keeps (default the "
+                      "first of eval.retention)")
+    wise.set_defaults(func=wise_ft, parser=wise, takes_overrides=True)

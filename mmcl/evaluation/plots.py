@@ -131,6 +131,20 @@ def save_training_curves(series: Series, path: str | Path, title: str) -> None:
     save(fig, path, plt)
 
 
+def save_tradeoff_curve(rows: list[dict[str, Any]], x: str, y: str, path: str | Path, title: str) -> None:
+    """A WiSE-FT sweep: metric `x` across, metric `y` up, one point per mix, labelled with its alpha."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o")
+    for row in rows:
+        ax.annotate(f"alpha {row['alpha']:g}", (row[x], row[y]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel(f"{x} (what the model keeps)")
+    ax.set_ylabel(f"{y} (the fine-tuning task)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    save(fig, path, plt)
+
+
 def save(fig: Any, path: str | Path, plt: Any) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -1,6 +1,7 @@
 """WiSE-FT: alpha 0 and 1 give the two inputs bit for bit, 0.5 the hand-computed average, and the
 mix is an mmcl folder that loads and embeds; another architecture or tokenizer is a clear error."""
 
+import json
 import shutil
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmcl.cli import main
-from mmcl.config import ConfigError
+from mmcl.config import ConfigError, load_config
 from mmcl.model import DualEncoder
 from mmcl.wise_ft import wise_ft
 from tests.conftest import save_tiny_model
@@ -58,3 +59,36 @@ def test_another_architecture_or_tokenizer_is_named(tmp_path, two_models):
     with pytest.raises(ConfigError, match="0 <= alpha <= 1"):
         wise_ft(pretrained, pretrained, 1.5, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_sweep_evaluates_each_mix_and_draws_the_trade_off(tmp_path, two_models, emoji_cache, small_emoji, capsys):
+    """--alpha 0,0.5,1 --eval CONFIG: the ends score as the two models evaluated on their own, the
+    middle as the alpha-0.5 folder; the JSON and the curve are written."""
+    from mmcl.evaluation.evaluators import evaluate_model
+    from mmcl.train_data import eval_specs
+
+    pretrained, finetuned = two_models
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"data: {{validation: {small_emoji}, validation_split: train, cache_dir: {emoji_cache}, emoji_image_size: 16}}\n"
+        "eval:\n  best_metric: val/image_to_text_R@5\n  retention: [keep/top1]\n"
+        "  sets: {keep: {task: zero_shot, dataset: 'builtin:emoji', label_column: name, max_samples: 64}}\n")
+    out = tmp_path / "sweep"
+    assert main(["wise-ft", str(pretrained), str(finetuned), str(out), "--alpha", "0,0.5,1", "--eval", str(config),
+                 "--eval.batch_size=32"]) == 0
+    record = json.loads((out / "wise_ft_sweep.json").read_text())
+    assert (record["target"], record["retention"]) == ("val/image_to_text_R@5", "keep/top1")
+    assert [row["alpha"] for row in record["rows"]] == [0.0, 0.5, 1.0]
+    assert (out / "wise_ft_curve.png").stat().st_size > 10_000
+    wise_ft(pretrained, finetuned, 0.5, tmp_path / "half")
+    specs = eval_specs(load_config(str(config), [f"--model.init_from={finetuned}"]))
+    for row, model in zip(record["rows"], (pretrained, tmp_path / "half", finetuned)):
+        for name, spec in specs.items():
+            alone = evaluate_model(str(model), spec, cache_dir=emoji_cache)
+            assert row[f"{name}/top1" if name == "keep" else f"{name}/image_to_text_R@5"] == pytest.approx(
+                alone["top1" if name == "keep" else "image_to_text_R@5"], abs=1e-9), (row["alpha"], name)
+    capsys.readouterr()
+    assert main(["wise-ft", str(pretrained), str(finetuned), str(out), "--alpha", "0,1", "--eval", str(config),
+                 "--target", "nope/R@1"]) == 2
+    assert "--target nope/R@1: give <set>/<metric> with <set> one of the config's evaluations (val, keep)" in \
+        capsys.readouterr().err
