@@ -4,7 +4,8 @@ everything written.
 
 A run folder (`train.output_dir`):
 
-    checkpoints/step-00000200/   full training state (Accelerate's files + mmcl_train_state.json)
+    checkpoints/step-00000200/   the training state (Accelerate's files + mmcl_train_state.json; frozen
+                                 weights left out, rebuilt from the config on resume)
     processor/                   the tokenizer and image processor, saved once at the start
     logs/metrics.jsonl           the tracker's log (or tensorboard files)
     final/  best/                model folders: model.safetensors, mmcl_config.json, tokenizer,

@@ -86,7 +86,7 @@ def gather_skipped(skipped: SkipCounter) -> SkipCounter:
 
 def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter,
          stream: Any = None, extra: dict[str, Any] | None = None, size_hint: Callable[[], int] = lambda: 0) -> Path:
-    """Write the full training state (model, optimizer, scheduler, RNG, every process's skipped
+    """Write the training state (model, optimizer, scheduler, RNG, every process's skipped
     rows and position in a training stream, and `extra`) at `step`, atomically. A full disk or an
     unwritable folder raises `SaveError`, naming the bytes needed (the last checkpoint's size, else
     `size_hint()`), and leaves the earlier checkpoints as they were."""
@@ -148,8 +148,9 @@ def check_frozen(folder: Path, model: torch.nn.Module, saved: str | None, now: s
     and the checkpoint has every weight that trains."""
     if saved is not None and saved != now:
         raise ConfigError(f"train.resume: the frozen weights differ from those {folder} was trained with (a "
-                          "pretrained tower or model.init_from folder was changed since?): put them back, or start a "
-                          "new run in another train.output_dir")
+                          "pretrained tower or model.init_from folder changed since, or a torch / transformers upgrade "
+                          "initialises a random-init frozen tower otherwise): put them back, or start a new run in "
+                          "another train.output_dir")
     path = folder / "model.safetensors"
     if path.is_file():
         with safe_open(str(path), "pt") as f:

@@ -489,6 +489,9 @@ def validate(config: Config) -> None:
         if spec.r < 1 or spec.alpha <= 0 or not 0.0 <= spec.dropout < 1.0:
             raise ConfigError(f"model.lora.{tower}: needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={spec.r}, "
                               f"alpha={spec.alpha}, dropout={spec.dropout})")
+    if m.lora and config.loss.queue_size and config.loss.momentum:
+        raise ConfigError("loss.momentum > 0 with model.lora: the momentum copy would average each adapter's two "
+                          "factors, not their product; set loss.momentum=0 (a queue of the model's own embeddings)")
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"'train.{key}' must be >= 1")

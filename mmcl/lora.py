@@ -91,6 +91,6 @@ def merged_weights(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameters."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, all) parameters; whole ones where DeepSpeed ZeRO-3 holds a partition."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)

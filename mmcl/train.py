@@ -137,7 +137,7 @@ class Trainer:
                 "config": self.flat_config(), "frozen_sha256": self.frozen}
 
     def checkpoint(self) -> Path:
-        """The full training state at this step (`mmcl.checkpoint.save`)."""
+        """The training state at this step (`mmcl.checkpoint.save`; frozen weights left out)."""
         return ckpt.save(self.accelerator, self.output_dir, self.step, self.config.train.keep_last, self.skipped,
                          self.stream, self.state(), self.state_bytes)
 
@@ -258,8 +258,9 @@ class Trainer:
         under FSDP / ZeRO-3 `get_state_dict` gathers the shards into a full state dict on the main one.
         LoRA adapters are merged into the saved weights: the folder is a plain model."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.model) if is_sharded(acc) else merged_weights(self.unwrapped)
+        state = acc.get_state_dict(self.model) if is_sharded(acc) else None
         if acc.is_main_process:
+            state = state if state is not None else merged_weights(self.unwrapped)
             ckpt.save_final(self.unwrapped, self.tokenizer, self.image_processor, self.config, folder, info, state)
         acc.wait_for_everyone()
 
@@ -267,7 +268,7 @@ class Trainer:
         tcfg, acc = self.config.train, self.accelerator
         acc.init_trackers("mmcl", config=self.flat_config())
         trainable, total = parameter_counts(self.unwrapped)
-        acc.print(f"parameters: {trainable:,} of {total:,} train ({trainable / total:.2%})")
+        acc.print(f"parameters: {trainable:,} of {total:,} train ({trainable / max(total, 1):.2%})")
         self.measure_retention_base()
         bar = progress_bar(tcfg, acc, initial=self.step)
         window_loss, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0

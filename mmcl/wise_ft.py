@@ -95,7 +95,7 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
     from accelerate import Accelerator
 
     from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
-    from .evaluation.plots import save_tradeoff_curve
+    from .evaluation.plots import pyplot, save_tradeoff_curve
     from .inference import load_encoder
     from .train_data import eval_specs
 
@@ -103,6 +103,7 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
     check_inputs(pretrained, finetuned)
     specs = eval_specs(config)
     target, retention = axes(config, target, retention, list(specs))
+    pyplot()  # matplotlib is there, before the evaluations run
     data = {name: (spec, load_eval_dataset(spec, config.data.cache_dir, config.data.emoji_image_size))
             for name, spec in specs.items()}
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
@@ -110,13 +111,15 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
     a, b = load_file(pretrained / WEIGHTS_NAME), load_file(finetuned / WEIGHTS_NAME)
     rows = []
     for alpha in alphas:
-        bundle.encoder.load_state_dict(mix_weights(a, b, alpha))
-        row: dict[str, Any] = {"alpha": alpha}
+        own = bundle.encoder.state_dict()  # a 0-d logit_scale of an older folder takes the model's shape
+        bundle.encoder.load_state_dict({k: v.reshape(own[k].shape) for k, v in mix_weights(a, b, alpha).items()})
+        metrics: dict[str, float] = {}
         for name, (spec, ds) in data.items():
-            row.update(scalars(name, run_eval(bundle, ds, spec, accelerator, config.eval)))
-        missing = [m for m in (target, retention) if m not in row]
+            metrics.update(scalars(name, run_eval(bundle, ds, spec, accelerator, config.eval)))
+        missing = [m for m in (target, retention) if m not in metrics]
         if missing:
-            raise ConfigError(f"{', '.join(missing)}: not among the measured metrics {', '.join(sorted(row)[1:])}")
+            raise ConfigError(f"{', '.join(missing)}: not among the measured metrics {', '.join(sorted(metrics))}")
+        row: dict[str, Any] = {"alpha": alpha, **metrics}
         print(f"alpha {alpha:g}: {target} {row[target]:.4f}, {retention} {row[retention]:.4f}")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)

@@ -127,3 +127,19 @@ def test_lora_two_processes_take_the_steps_of_one_and_resume(tmp_path, emoji_cac
     print("max |difference| ddp resumed-uninterrupted", worst)
     assert worst < TOLERANCE
     assert json.loads((step3 / "mmcl_train_state.json").read_text())["frozen_sha256"]
+
+
+def test_lora_config_merges_overrides_and_refuses_what_it_cannot_do(tmp_path, small_tokenizer):
+    yaml = tmp_path / "lora.yaml"
+    yaml.write_text(DEBUG_CONFIG.read_text().replace(
+        "  projection_dim: 16\n", "  projection_dim: 16\n  lora: {text: {r: 4, target_modules: [query]}}\n"))
+    config = load_config(str(yaml), ["--model.lora.text.r=2", "--model.lora.vision.alpha=4"])
+    assert (config.model.lora["text"].r, config.model.lora["text"].target_modules) == (2, ["query"])
+    assert (config.model.lora["vision"].r, config.model.lora["vision"].alpha) == (8, 4.0)
+    for overrides, message in ((["--model.lora.audio.r=2"], "LoRA goes on a tower: text or vision"),
+                               (["--model.lora.text.r=0"], "needs r >= 1"),
+                               (["--loss.queue_size=8", "--loss.momentum=0.9"], "loss.momentum > 0 with model.lora")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(str(yaml), overrides)
+    with pytest.raises(ConfigError, match=r"target_modules=\['nope'\].*linear layers are named: .*query"):
+        built(small_tokenizer, "--model.lora={text: {target_modules: [nope]}}")

@@ -46,8 +46,9 @@ def wise_ft(args: argparse.Namespace, extra: list[str]) -> int:
         sweep(args.pretrained, args.finetuned, alphas, args.out, config, args.target, args.retention)
         print(f"wrote {args.out}/wise_ft_sweep.json and {args.out}/wise_ft_curve.png")
         return 0
-    if len(alphas) > 1 or extra:
-        args.parser.error("several alphas (or config overrides) need --eval CONFIG, which names the evaluations")
+    if len(alphas) > 1 or extra or args.target or args.retention:
+        args.parser.error("several alphas, --target, --retention and config overrides need --eval CONFIG, which "
+                          "names the evaluations")
     out = mix(args.pretrained, args.finetuned, alphas[0], args.out)
     print(f"wrote {out}: {1 - alphas[0]:g} x {args.pretrained} + {alphas[0]:g} x {args.finetuned}")
     return 0
