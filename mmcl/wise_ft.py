@@ -8,7 +8,6 @@ evaluates each mix on the config's evaluation sets instead (`sweep`) and draws t
 
 from __future__ import annotations
 
-import filecmp
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,6 @@ from safetensors.torch import load_file, save_file
 
 from .artifacts import INFO_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, atomic_dir, write_json
 from .config import Config, ConfigError
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "merges.txt", "spiece.model")
-
 
 def describe(tensor: torch.Tensor | None) -> str:
     return "absent" if tensor is None else f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
@@ -48,12 +44,17 @@ def mix_weights(pretrained: dict[str, torch.Tensor], finetuned: dict[str, torch.
 
 
 def check_same_tokenizer(pretrained: Path, finetuned: Path) -> None:
-    """One vocabulary: the same embedding shapes with two tokenizers would mix unrelated rows."""
-    for name in TOKENIZER_FILES:
-        a, b = pretrained / name, finetuned / name
-        if a.is_file() != b.is_file() or (a.is_file() and not filecmp.cmp(a, b, shallow=False)):
-            raise ConfigError(f"{a} and {b} differ: the two models have other tokenizers, so their token "
-                              "embeddings cannot be mixed (fine-tune with the pretrained model's tokenizer)")
+    """One vocabulary (token -> id): the same embedding shapes with two vocabularies would mix
+    unrelated rows. Settings that do not number tokens (truncation length, padding) may differ."""
+    from transformers import AutoTokenizer
+
+    a, b = (AutoTokenizer.from_pretrained(str(folder)).get_vocab() for folder in (pretrained, finetuned))
+    differing = sorted(token for token in a.keys() | b.keys() if a.get(token) != b.get(token))
+    if differing:
+        token = differing[0]
+        raise ConfigError(f"{pretrained} and {finetuned} have other tokenizers ({len(differing)} tokens differ, e.g. "
+                          f"{token!r}: id {a.get(token)} vs {b.get(token)}), so their token embeddings cannot be mixed "
+                          "(fine-tune with the pretrained model's tokenizer)")
 
 
 def check_inputs(pretrained: Path, finetuned: Path) -> None:

@@ -53,8 +53,12 @@ def test_another_architecture_or_tokenizer_is_named(tmp_path, two_models):
     with pytest.raises(ConfigError, match=r"differ at tensor text_model\.embeddings\.word_embeddings\.weight: "
                                           r"pretrained \(120, 32\) float32, fine-tuned \(100, 32\) float32"):
         wise_ft(pretrained, other, 0.5, tmp_path / "bad")
+    record = json.loads((finetuned / "tokenizer.json").read_text())  # another truncation length: one vocabulary
+    record["truncation"] = {"direction": "Right", "max_length": 7, "strategy": "LongestFirst", "stride": 0}
+    (finetuned / "tokenizer.json").write_text(json.dumps(record))
+    wise_ft(pretrained, finetuned, 0.5, tmp_path / "truncated")
     (finetuned / "tokenizer.json").write_text((finetuned / "tokenizer.json").read_text().replace("heart", "heard"))
-    with pytest.raises(ConfigError, match="other tokenizers"):
+    with pytest.raises(ConfigError, match=r"other tokenizers \(\d+ tokens differ, e.g. 'heard': id None vs \d+\)"):
         wise_ft(pretrained, finetuned, 0.5, tmp_path / "bad")
     with pytest.raises(ConfigError, match="0 <= alpha <= 1"):
         wise_ft(pretrained, pretrained, 1.5, tmp_path / "bad")
