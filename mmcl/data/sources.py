@@ -26,7 +26,7 @@ Kind = Literal["builtin", "disk", "webdataset", "imagefolder", "file", "hub"]
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
-BUILTIN = ("builtin:emoji",)
+BUILTIN = ("builtin:emoji", "builtin:emoji-lineart", "builtin:emoji-gray")  # the emoji set in its styles
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "jp2", "image")
 
 
@@ -38,7 +38,7 @@ def source_kind(name: str) -> Kind:
     """What `name` refers to (see the module docstring); an existing path of no known form is an error."""
     if name.startswith("builtin:"):
         if name not in BUILTIN:
-            raise ConfigError(f"unknown built-in dataset '{name}'; the built-in one is 'builtin:emoji'")
+            raise ConfigError(f"unknown built-in dataset '{name}'; the built-in ones are {', '.join(BUILTIN)}")
         return "builtin"
     path = Path(name)
     if name.endswith(".tar") or "*" in name or (path.is_dir() and any(path.glob("*.tar"))):
@@ -123,7 +123,8 @@ def _load(source: SourceSpec, cache_dir: str | None, emoji_image_size: int) -> d
             from .emoji import build_emoji_dataset
 
             folder = Path(cache_dir) if cache_dir else default_cache_dir() / "datasets"
-            return _pick_split(build_emoji_dataset(folder, image_size=emoji_image_size), split, name)
+            style = name.partition("-")[2] or "color"
+            return _pick_split(build_emoji_dataset(folder, image_size=emoji_image_size, style=style), split, name)
         case "disk":
             try:
                 loaded = datasets.load_from_disk(name)

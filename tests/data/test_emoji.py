@@ -103,7 +103,7 @@ def test_losing_a_concurrent_build_loads_the_winner(
 ) -> None:
     (winner,) = [p for p in cache_dir.iterdir() if f"-{SIZE}px-" in p.name]
 
-    def build_while_another_process_finishes(image_size: int, fraction: float) -> object:
+    def build_while_another_process_finishes(image_size: int, fraction: float, style: str) -> object:
         shutil.copytree(winner, tmp_path / winner.name)  # the other process wins the rename
         return _tiny_set()
 
@@ -146,3 +146,37 @@ def test_skin_tone_variants_stay_on_one_side(emoji_set: datasets.DatasetDict) ->
     validation = {base(e) for e in emoji_set["validation"]["emoji"]}
     assert train.isdisjoint(validation)
     assert any(base(e) != e for e in emoji_set["validation"]["emoji"])  # the case does occur
+
+
+@pytest.mark.parametrize("style", ["lineart", "gray"])
+def test_styles_are_the_same_rows_in_another_look_and_the_same_bytes_twice(
+    emoji_set: datasets.DatasetDict, tmp_path: Path, style: str
+) -> None:
+    """builtin:emoji-lineart / -gray: the colour set's rows, names and splits; gray pixels (R = G =
+    B); line art is black strokes on white; and a second build writes identical PNG bytes."""
+    import numpy as np
+
+    styled = build_emoji_dataset(tmp_path / "a", image_size=SIZE, style=style)
+    again = build_emoji_dataset(tmp_path / "b", image_size=SIZE, style=style)
+    for split in ("train", "validation"):
+        assert styled[split]["name"] == emoji_set[split]["name"]
+        raw = styled[split].cast_column("image", datasets.Image(decode=False))["image"]
+        assert raw == again[split].cast_column("image", datasets.Image(decode=False))["image"]
+        colour = emoji_set[split].cast_column("image", datasets.Image(decode=False))["image"]
+        assert sum(a["bytes"] != b["bytes"] for a, b in zip(raw, colour)) > 0.9 * len(raw)
+    pixels = np.stack([np.asarray(styled["validation"][i]["image"]) for i in range(40)]).astype(int)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    if style == "lineart":  # mostly white paper, some black ink
+        assert (pixels > 250).mean() > 0.5 and (pixels < 128).mean() > 0.03  # 16 px: 0.62 and 0.06
+
+
+def test_style_names_resolve_and_a_wrong_one_is_named(tmp_path: Path) -> None:
+    from mmcl.config import ConfigError, SourceSpec
+    from mmcl.data.sources import load_source
+
+    spec = SourceSpec(dataset="builtin:emoji-lineart", split="validation")
+    assert len(load_source(spec, str(tmp_path), SIZE)) > 100
+    with pytest.raises(ConfigError, match="the built-in ones are builtin:emoji, builtin:emoji-lineart"):
+        load_source(SourceSpec(dataset="builtin:emoji-sepia"), str(tmp_path), SIZE)
+    with pytest.raises(ValueError, match="style in"):
+        build_emoji_dataset(tmp_path, image_size=SIZE, style="sepia")
