@@ -24,6 +24,10 @@ from tests.conftest import DEBUG_CONFIG, REPO, free_port
 
 LAUNCH_CONFIGS = REPO / "configs" / "accelerate"
 TOLERANCE = 1e-5  # measured max difference: see the closing note of issue 10 (about 1e-7)
+# Weights after 6 AdamW steps: where a gradient is near adam_epsilon (1e-6), the update moves by up to
+# lr / eps = 1e3 x the gradient's rounding difference between a 2-process reduction and 1 process. Most
+# runs differ by under 1e-6; with one session's tokenizer two tests differed by 1.2e-5 and 1.6e-5.
+WEIGHT_TOLERANCE = 1e-4
 LOST_PROCESS_BOUND_S = 60  # the roll call waits 15 s for the lost rank; the rest is exit and teardown
 STEPS = 6
 
@@ -99,8 +103,8 @@ def assert_same_steps(a, b, what):
     assert max(abs(x - y) for x, y in zip(la, lb)) < TOLERANCE, (what, la, lb)
     wa, wb = final(a), final(b)
     assert wa.keys() == wb.keys(), what
-    worst = max((wa[n] - wb[n]).abs().max().item() for n in wa)
-    assert worst < TOLERANCE, (what, worst)
+    worst, name = max(((wa[n] - wb[n]).abs().max().item(), n) for n in wa)
+    assert worst < WEIGHT_TOLERANCE, (what, worst, name)
     return worst
 
 

@@ -20,4 +20,4 @@ def test_flags_and_the_rest_partition_each_split(tmp_path, emoji_cache):
         flags, rest = (load_from_disk(str(out / f"{part}_{split}"))["name"] for part in ("flags", "rest"))
         assert flags and all(name.startswith("flag: ") for name in flags)
         assert not any(name.startswith("flag: ") for name in rest)
-        assert sorted(flags + rest) == sorted(emoji[split]["name"])
+        assert sorted([*flags, *rest]) == sorted(emoji[split]["name"])
