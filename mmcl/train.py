@@ -267,7 +267,7 @@ class Trainer:
     def run(self) -> dict[str, float]:
         tcfg, acc = self.config.train, self.accelerator
         acc.init_trackers("mmcl", config=self.flat_config())
-        trainable, total = parameter_counts(self.unwrapped)
+        self.params = trainable, total = parameter_counts(self.unwrapped)  # (which parameters train never changes)
         acc.print(f"parameters: {trainable:,} of {total:,} train ({trainable / max(total, 1):.2%})")
         self.measure_retention_base()
         bar = progress_bar(tcfg, acc, initial=self.step)
@@ -355,7 +355,7 @@ class Trainer:
             self.stream.close()
         metrics = self.evaluate(final=True)
         skipped = ckpt.gather_skipped(self.skipped)
-        trainable, total = parameter_counts(self.unwrapped)
+        trainable, total = self.params
         metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s, "train/bad_steps": float(self.bad_steps),
                         "train/skipped_images": float(len(skipped.rows)), "train/trainable_params": float(trainable),
                         "train/params": float(total), "train/peak_memory_mb": peak_memory_mb(acc.device)})

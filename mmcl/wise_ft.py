@@ -110,10 +110,10 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
     bundle = load_encoder(str(finetuned)).to(accelerator.device)
     a, b = load_file(pretrained / WEIGHTS_NAME), load_file(finetuned / WEIGHTS_NAME)
+    shapes = {k: v.shape for k, v in bundle.encoder.state_dict().items()}  # an older folder's 0-d logit_scale
     rows = []
     for alpha in alphas:
-        own = bundle.encoder.state_dict()  # a 0-d logit_scale of an older folder takes the model's shape
-        bundle.encoder.load_state_dict({k: v.reshape(own[k].shape) for k, v in mix_weights(a, b, alpha).items()})
+        bundle.encoder.load_state_dict({k: v.reshape(shapes[k]) for k, v in mix_weights(a, b, alpha).items()})
         metrics: dict[str, float] = {}
         for name, (spec, ds) in data.items():
             metrics.update(scalars(name, run_eval(bundle, ds, spec, accelerator, config.eval)))
