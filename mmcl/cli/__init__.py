@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -27,6 +28,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+OVERRIDE = re.compile(r"--\w+(\.\w+)+=")  # --section.key=value
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mmcl", description="Train, evaluate and publish CLIP-style image–text models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # a log gets mmcl's progress lines, not the libraries' carriage-return frames
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    args, extra = build_parser().parse_known_args(argv)
+    overrides = [a for a in argv if OVERRIDE.match(a)]  # argparse would take one with a space for the config
+    args, extra = build_parser().parse_known_args([a for a in argv if not OVERRIDE.match(a)])
+    extra += overrides
     if extra and not getattr(args, "takes_overrides", False):
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

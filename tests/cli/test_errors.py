@@ -45,6 +45,11 @@ CASES = [
     (["train", str(DEBUG_CONFIG), "--train.mixed_precision=fp8"],
      "mmcl train: error: 'train.mixed_precision' is 'fp8'; choose one of no, bf16, fp16"),
     (["train", "--max_steps=3"], "mmcl train: error: 'max_steps' needs a section, e.g. --train.max_steps"),
+    # an override whose value has spaces is still an override (argparse alone would take it for the config file)
+    (["train", str(DEBUG_CONFIG), "--data.augment_options={{blurr: 0.5, flip: true}}"],
+     "mmcl train: error: data.augment_options: unknown option(s) blurr; known: scale"),
+    (["train", "--model.vision_model=backbone:resnet9000"], "mmcl train: error: model.vision_model / vision_config: "
+                                                             "unknown backbone 'resnet9000': use one of efficientnet-lite0"),
     (["trian"], "mmcl: error: argument COMMAND: invalid choice: 'trian'"),
 ]
 
