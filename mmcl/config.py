@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .data.augment import build_augment
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 
 
@@ -140,9 +142,11 @@ class DataConfig:
     cache_dir: str | None = option(None, "where built-in datasets are cached; default ~/.cache/mmcl")
     emoji_image_size: int = option(64, "side of the built-in emoji images, in pixels")
     max_validation_samples: int | None = option(None, "evaluate 'val' on at most this many rows")
-    augment: bool = option(False, "random resized crop + mild colour jitter (mmcl/data/augment.py)")
-    augment_scale: list[float] = option(help="crop area fraction range", factory=lambda: [0.6, 1.0])
-    augment_flip: bool = option(False, "random horizontal flips (changes 'left arrow' captions)")
+    augment: Literal["none", "light", "strong"] = option(
+        "none", "training image augmentation preset (mmcl/data/augment.py): light = crop + mild jitter; strong "
+                "adds edge drawings, grayscale, colour jitter and blur")
+    augment_options: dict[str, Any] = option(
+        help="override the preset's fields, e.g. {grayscale: 0.5, scale: [0.3, 1.0], flip: true}", factory=dict)
     batch_sampler: Literal["random", "cluster"] = option(
         "random", "cluster: each batch from a few k-means clusters of image embeddings (hard in-batch negatives)")
     cluster_model: str | None = option(None, "cluster: the model whose image embeddings are clustered")
@@ -483,6 +487,15 @@ def validate(config: Config) -> None:
             raise ConfigError("set model.text_model (folder or Hub id) or model.text_config.model_type")
         if not (m.vision_model or m.vision_config.get("model_type")):
             raise ConfigError("set model.vision_model (folder or Hub id) or model.vision_config.model_type")
+    backbone = (m.vision_model or "").removeprefix("backbone:") if (m.vision_model or "").startswith("backbone:") \
+        else m.vision_config.get("backbone") if m.vision_config.get("model_type") == "mmcl_backbone" else None
+    if backbone is not None and not m.init_from:
+        from .backbones import get_backbone
+
+        try:
+            get_backbone(backbone)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"model.vision_model / vision_config: {err}") from err
     for tower, spec in m.lora.items():
         if tower not in TOWERS:
             raise ConfigError(f"model.lora.{tower}: LoRA goes on a tower: text or vision")
@@ -495,6 +508,10 @@ def validate(config: Config) -> None:
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"'train.{key}' must be >= 1")
+    try:
+        build_augment(config.data.augment, config.data.augment_options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
     validate_loss(config.loss, config.data)
 
 

@@ -11,8 +11,8 @@ from accelerate import Accelerator
 
 from .artifacts import PROCESSOR_DIR
 from .build import build_image_processor, build_tokenizer
-from .config import Config, DataConfig, EvalSpec
-from .data.augment import Augment
+from .config import Config, EvalSpec
+from .data.augment import Augment, build_augment
 from .data.clusters import ClusterBatchSampler, cluster_labels
 from .data.pairs import PairCollator, PairDataset, iter_captions
 from .data.sources import load_pairs, load_stream, require_columns
@@ -42,22 +42,18 @@ def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: 
     return tokenizer, image_processor
 
 
-def build_augment(data: DataConfig) -> Augment | None:
-    return Augment(scale=tuple(data.augment_scale), flip=data.augment_flip) if data.augment else None
-
-
 def build_views(config: Config) -> Augment | None:
     """SLIP's term: two views of each image with a stronger crop and jitter than `data.augment`."""
     if not config.loss.image_ssl_weight:
         return None
-    return Augment(scale=(0.3, 1.0), flip=config.data.augment_flip, jitter=0.4)
+    return Augment(scale=(0.3, 1.0), flip=bool(config.data.augment_options.get("flip")), jitter=0.4)
 
 
 def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_processor: Any,
                        accelerator: Accelerator) -> torch.utils.data.DataLoader:
     data, tcfg = config.data, config.train
     dataset = PairDataset(train_ds, data.image_column, data.caption_column, image_processor,
-                          seed=tcfg.seed, augment=build_augment(data),
+                          seed=tcfg.seed, augment=build_augment(data.augment, data.augment_options),
                           negative_column=config.loss.hard_negative_column, views=build_views(config),
                           max_image_bytes=data.max_image_bytes)
     collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
@@ -90,7 +86,8 @@ def build_stream(config: Config, train_ds: Any, tokenizer: Any, image_processor:
     collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
     return StreamingPairs(train_ds, data, image_processor, collator,
                           config.train.per_device_batch_size, config.train.seed, accelerator.process_index,
-                          accelerator.num_processes, data.shuffle_buffer, build_augment(data),
+                          accelerator.num_processes, data.shuffle_buffer,
+                          build_augment(data.augment, data.augment_options),
                           config.loss.hard_negative_column, build_views(config))
 
 

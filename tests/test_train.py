@@ -45,8 +45,12 @@ DROPOUT = ("--model.text_config.hidden_dropout_prob=0.1", "--model.vision_config
            "--train.gradient_accumulation_steps=1")
 
 
-@pytest.mark.parametrize("loss", [(), ("--loss.queue_size=40", "--loss.momentum=0.9"), ("cluster",), DROPOUT],
-                         ids=["clip", "queue", "cluster-sampler", "dropout"])
+# every augmentation option on, resumed mid-epoch: each view is drawn from (seed, epoch, row)
+AUGMENT = ("--data.augment=strong", "--data.augment_options={flip: true}", "--train.gradient_accumulation_steps=1")
+
+
+@pytest.mark.parametrize("loss", [(), ("--loss.queue_size=40", "--loss.momentum=0.9"), ("cluster",), DROPOUT, AUGMENT],
+                         ids=["clip", "queue", "cluster-sampler", "dropout", "augment"])
 def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji, loss):
     """6 steps, a fresh process resuming from the step-3 checkpoint, 3 more: the same weights as
     6 uninterrupted steps. 96 rows / batch 16 = 6 steps an epoch with 2-step accumulation: 3

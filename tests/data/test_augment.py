@@ -1,9 +1,11 @@
 import random
 
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageDraw
 
-from mmcl.data.augment import Augment
+from mmcl.config import ConfigError, load_config
+from mmcl.data.augment import PRESETS, Augment, build_augment, edge_drawing
 
 
 def test_augment_is_seeded_and_changes_the_image():
@@ -23,6 +25,48 @@ def test_training_with_augmentation_runs(tmp_path, emoji_cache, small_emoji):
     from tests.conftest import DEBUG_CONFIG
 
     config = load_config(DEBUG_CONFIG, [f"--train.output_dir={tmp_path}", f"--data.cache_dir={emoji_cache}",
-                                        f"--data.train={small_emoji}", "--data.validation=null", "--data.augment=true",
+                                        f"--data.train={small_emoji}", "--data.validation=null", "--data.augment=strong",
                                         "--train.max_steps=2", "--train.checkpoint_every=0", "--hub.export=false"])
     assert train(config)["train/steps"] == 2.0
+
+
+def _drawing() -> Image.Image:
+    """A red disc with a black outline on white, like an emoji."""
+    image = Image.new("RGB", (48, 48), "white")
+    ImageDraw.Draw(image).ellipse((8, 8, 40, 40), fill=(220, 30, 30), outline=(0, 0, 0), width=3)
+    return image
+
+
+@pytest.mark.parametrize("preset", ["light", "strong"])
+def test_presets_are_seeded(preset):
+    aug = build_augment(preset, {})
+    views = [[np.asarray(aug(_drawing(), random.Random(seed))) for seed in range(12)] for _ in range(2)]
+    assert all(np.array_equal(a, b) for a, b in zip(*views))  # same seeds, same bytes
+    assert len({v.tobytes() for v in views[0]}) == 12  # and every seed its own view
+
+
+def test_strong_preset_draws_edges_grayscale_and_blur():
+    aug = build_augment("strong", {"scale": [1.0, 1.0], "jitter": 0.0, "saturation": 0.0})
+    views = [np.asarray(aug(_drawing(), random.Random(seed))).astype(int) for seed in range(200)]
+    gray = [v for v in views if (v[..., 0] == v[..., 1]).all() and (v[..., 1] == v[..., 2]).all()]
+    # edges (p 0.3) or grayscale (p 0.2) leave R = G = B: about 1 - 0.7 * 0.8 = 44% of views
+    assert 0.3 < len(gray) / len(views) < 0.6
+    assert PRESETS["none"] is None and build_augment("none", {}) is None
+
+
+def test_edge_drawing_is_dark_lines_on_white():
+    lines = np.asarray(edge_drawing(_drawing()).convert("L"))
+    assert (lines > 200).mean() > 0.8 and (lines < 100).mean() > 0.02  # mostly paper, some ink
+    assert (lines[0] > 200).all() and (lines[:, -1] > 200).all()  # no frame along the border
+    assert lines[24, 24] > 200  # the flat red fill has no edge inside
+
+
+def test_augment_options_errors_name_the_key():
+    with pytest.raises(ConfigError, match="unknown option.*blurr; known: scale"):
+        load_config(None, ["--data.augment=light", "--data.augment_options={blurr: 0.5}"])
+    with pytest.raises(ConfigError, match="augment_options.grayscale is a probability"):
+        load_config(None, ["--data.augment=strong", "--data.augment_options={grayscale: 2}"])
+    with pytest.raises(ConfigError, match="augment_options.scale must be a \\[low, high\\] pair"):
+        load_config(None, ["--data.augment=light", "--data.augment_options={scale: 0.5}"])
+    with pytest.raises(ConfigError, match="'data.augment' is 'true'; choose one of none, light, strong"):
+        load_config(None, ["--data.augment=true"])
