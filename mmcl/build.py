@@ -11,6 +11,7 @@ from typing import Any, Iterable
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
+from . import backbones
 from .artifacts import MODEL_CONFIG_NAME, check_model_reference
 from .config import ConfigError, ModelConfig
 from .inference import load_hf_dual_encoder, load_pretrained
@@ -59,6 +60,10 @@ def build_tokenizer(cfg: ModelConfig, captions: Iterable[str] | None = None) -> 
 def build_image_processor(cfg: ModelConfig) -> Any:
     """The vision tower's image processor, or a plain resize + normalise to `image_size`."""
     source = _source(cfg, cfg.image_processor, cfg.vision_model)
+    if source and source.startswith(backbones.PREFIX):
+        return backbones.image_processor(source.removeprefix(backbones.PREFIX), cfg.image_size)
+    if not source and cfg.vision_config.get("model_type") == backbones.MODEL_TYPE:
+        return backbones.image_processor(cfg.vision_config.get("backbone", ""), cfg.image_size)
     if source:
         return load_pretrained(AutoImageProcessor, source, "image processor", cfg.trust_remote_code)
     from transformers import ViTImageProcessorPil  # the PIL backend: no torchvision needed
@@ -116,6 +121,8 @@ def load_initial_model(cfg: ModelConfig) -> DualEncoder:
 
 def build_tower(name: str | None, config: dict[str, Any], trust_remote_code: bool) -> PreTrainedModel:
     """A pretrained tower (folder / Hub id), or one at random init from a config dict with `model_type`."""
+    if name and name.startswith(backbones.PREFIX):
+        return backbones.pretrained_tower(name)
     if name:
         check_model_reference(name)
         return load_pretrained(AutoModel, name, "weights", trust_remote_code)
@@ -195,6 +202,6 @@ def apply_attention(model: DualEncoder, cfg: ModelConfig) -> None:
     for tower in (model.text_model, model.vision_model):
         try:
             tower.set_attn_implementation(cfg.attn_implementation)
-        except (ValueError, ImportError) as error:
+        except (ValueError, ImportError, AttributeError) as error:
             raise ConfigError(f"model.attn_implementation={cfg.attn_implementation!r}: {type(tower).__name__} "
                               f"refused it ({str(error).splitlines()[0]}); use sdpa or eager") from error

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME
+from .backbones import MODEL_TYPE, BackboneTower, tower_from_config
 
 
 @dataclass
@@ -76,6 +77,15 @@ class Encoder(Protocol):
         ...
 
 
+def tower_width(tower: nn.Module) -> int:
+    """The width of a tower's pooled output: from its config, or (timm through transformers'
+    TimmWrapperModel, whose config does not say) from the timm model."""
+    timm_model = getattr(tower, "timm_model", None)
+    if timm_model is not None:
+        return timm_model.num_features
+    return _hidden_size(tower.config)
+
+
 def _hidden_size(config: PretrainedConfig) -> int:
     # projection_size: SigLIP's text head output, the width of its pooler_output
     for name in ("projection_size", "projection_dim_in", "hidden_size", "d_model", "embed_dim"):
@@ -91,8 +101,10 @@ def _hidden_size(config: PretrainedConfig) -> int:
 _TOWER_CLASSES = {"siglip_text_model": "SiglipTextModel", "siglip_vision_model": "SiglipVisionModel"}
 
 
-def tower_from_dict(config: dict[str, Any]) -> PreTrainedModel:
+def tower_from_dict(config: dict[str, Any]) -> PreTrainedModel | BackboneTower:
     """A tower at random init from a config dict with `model_type` (offline)."""
+    if config.get("model_type") == MODEL_TYPE:  # a backbone through mmcl's adapter contract
+        return tower_from_config(config)
     config = dict(config)
     model_type = config.pop("model_type")
     tower_config = AutoConfig.for_model(model_type, **config)
@@ -170,8 +182,7 @@ class DualEncoder(nn.Module):
             if how != "pooler" and isinstance(getattr(tower, "pooler", None), nn.Module):
                 if any(True for _ in tower.pooler.parameters()):
                     tower.pooler = None
-        text_width = _hidden_size(self.text_model.config)
-        vision_width = _hidden_size(self.vision_model.config)
+        text_width, vision_width = tower_width(self.text_model), tower_width(self.vision_model)
         if config.identity_projection:  # the towers' pooler_output is already the shared space
             if not text_width == vision_width == config.projection_dim:
                 raise ValueError(f"identity projections need equal widths, got text {text_width}, vision "
@@ -231,7 +242,7 @@ class DualEncoder(nn.Module):
         """Give a model an image–image head (to train it with SLIP's term)."""
         if self.image_ssl_head is None:
             self.config.image_ssl_dim = dim
-            width = _hidden_size(self.vision_model.config)
+            width = tower_width(self.vision_model)
             self.image_ssl_head = ssl_head(width, dim).to(self.logit_scale.device)
 
     def add_logit_bias(self, init: float) -> None:
@@ -305,6 +316,9 @@ class DualEncoder(nn.Module):
         from transformers import CLIPTextModel, CLIPVisionModel, SiglipTextModel, SiglipVisionModel
 
         cfg = self.config
+        if isinstance(self.vision_model, BackboneTower):
+            return None, (f"the vision tower is the backbone {self.vision_model.config.backbone!r} (mmcl's adapter "
+                          "contract), which no transformers dual-encoder class holds; use the sentence-transformers route")
         if cfg.text_pooling != "pooler" or cfg.vision_pooling != "pooler":
             return None, (f"pooling text={cfg.text_pooling!r}, vision={cfg.vision_pooling!r} has no native "
                           "transformers class: CLIPModel and VisionTextDualEncoderModel project each tower's "

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifacts import EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, atomic_dir
+from ..backbones import BackboneTower, NoTransformersCopy, as_transformers
 from ..inference import EncoderBundle, load_encoder
 from ..model import DualEncoder
 
@@ -99,6 +100,8 @@ def _st_route(model: Any, modality: str, processor: Any, probe: Probe, tmp: Path
     tower = model.text_model if text else model.vision_model
     projection = model.text_projection if text else model.visual_projection
     pooling = model.config.text_pooling if text else model.config.vision_pooling
+    if isinstance(tower, BackboneTower):  # its transformers copy's pooler_output is the features
+        tower, pooling = as_transformers(tower), "pooler"
     inputs = {k: probe[k] for k in (("input_ids", "attention_mask") if text else ("pixel_values",))}
     flat = pooling == "pooler" and tower(**inputs).pooler_output.dim() == 2
     folder = tmp / modality  # the Transformer module loads its tower from a folder
@@ -175,8 +178,12 @@ def _export_st(bundle: EncoderBundle, folder: Path, report: ExportReport, probe:
     if report.native_class:
         st = _st_native(folder)
     else:
-        st = _st_router(bundle, probe)
         model = bundle.encoder
+        try:
+            st = _st_router(bundle, probe)
+        except NoTransformersCopy as err:
+            report.notes.append(str(err))
+            return
         report.notes.append("sentence-transformers: a Router sends texts and images to their own tower "
                             "(text_0_Transformer / image_0_Transformer: transformers folders that AutoModel "
                             "loads), then the mmcl pooling, the projection (Dense) and Normalize")
