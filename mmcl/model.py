@@ -256,6 +256,11 @@ class DualEncoder(nn.Module):
         for tower in (self.text_model, self.vision_model):
             if not any(p.requires_grad for p in tower.parameters()):
                 tower.eval()  # a locked tower keeps dropout off and BatchNorm statistics fixed
+                continue
+            for module in tower.modules():  # a partly unlocked one: its locked BatchNorms stay as they were
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and \
+                        not module.weight.requires_grad:
+                    module.eval()
         return self
 
     @torch.no_grad()

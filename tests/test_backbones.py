@@ -151,3 +151,28 @@ def test_lite0_export_loads_without_mmcl_and_matches(tmp_path):
     assert (torch.tensor(got["st_text"]) - text).abs().max().item() < 1e-5
     assert (torch.tensor(got["st_image"]) - image).abs().max().item() < 1e-5
     assert len(TEXTS) == len(got["st_text"])
+
+
+def test_lite0_with_its_last_blocks_unlocked_keeps_the_locked_batchnorm_statistics():
+    cfg = ModelConfig(text_config=dict(BERT, vocab_size=120), vision_model="backbone:efficientnet-lite0",
+                      projection_dim=8, image_size=64, lock_vision=True, unlock_vision_layers=2)
+    model = build_model(cfg).train()
+    net = model.vision_model.backbone.net
+    assert not net._blocks[0]._bn1.training and net._blocks[-1]._bn1.training and net._bn1.training
+    locked_stats = net._blocks[0]._bn1.running_mean.clone()
+    last_stats = net._blocks[-1]._bn1.running_mean.clone()
+    model(pixel_values=torch.randn(4, 3, 64, 64))
+    assert torch.equal(net._blocks[0]._bn1.running_mean, locked_stats)
+    assert not torch.equal(net._blocks[-1]._bn1.running_mean, last_stats)
+
+
+def test_a_timm_model_is_a_tower_through_transformers_timm_wrapper():
+    """Runs only where timm is installed (`mmcl[timm]`; timm needs torchvision, which this project's
+    CPU machines cannot install without a CUDA torch): a random-init timm ResNet as the vision tower."""
+    pytest.importorskip("timm")
+    cfg = ModelConfig(text_config=dict(BERT, vocab_size=120), projection_dim=8, image_size=32,
+                      vision_config={"model_type": "timm_wrapper", "architecture": "resnet18"})
+    model = build_model(cfg).eval()
+    assert model.visual_projection.in_features == 512  # the timm model's num_features
+    with torch.no_grad():
+        assert model.get_image_features(torch.randn(2, 3, 32, 32)).shape == (2, 8)
