@@ -37,7 +37,7 @@ def build(chunk: int, checkpointing: int = 0):
     from accelerate import Accelerator
 
     from mmcl.build import build_model
-    from mmcl.config import load_config
+    from mmcl.config_loader import load_config
     from mmcl.losses import ClipLoss, Objective
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml").model

@@ -81,7 +81,8 @@ def mmcl_step_fn(impl: str, precision: str, options: list[str]) -> tuple[Callabl
     from accelerate import Accelerator
 
     from mmcl.build import build_model
-    from mmcl.config import ModelConfig, TrainConfig, build_section, parse_overrides
+    from mmcl.config import ModelConfig, TrainConfig
+    from mmcl.config_loader import build_section, parse_overrides
     from mmcl.losses import ClipLoss, Objective
     from mmcl.optimization import build_optimizer
     from mmcl.train import training_step

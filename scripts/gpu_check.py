@@ -44,7 +44,7 @@ def main() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmcl.build import build_model
-    from mmcl.config import load_config
+    from mmcl.config_loader import load_config
     from mmcl.launch import build_accelerator
     from mmcl.losses import build_objective
     from mmcl.optimization import build_optimizer

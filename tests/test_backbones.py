@@ -13,7 +13,8 @@ from torch import nn
 from mmcl.backbones import BACKBONES, Backbone, BackboneConfig, BackboneTower, pretrained_tower
 from mmcl.build import build_image_processor, build_model, fit_text_config, train_wordpiece
 from mmcl.checkpoint import save_final
-from mmcl.config import Config, ConfigError, ModelConfig, load_config
+from mmcl.config import Config, ConfigError, ModelConfig
+from mmcl.config_loader import load_config
 from mmcl.model import DualEncoder
 from mmcl.publish.export import export_model
 from tests.conftest import DEBUG_CONFIG

@@ -1,6 +1,8 @@
 import pytest
 
-from mmcl.config import Config, ConfigError, load_config, parse_overrides
+from mmcl.config import Config, ConfigError
+
+from mmcl.config_loader import load_config, parse_overrides
 from tests.conftest import DEBUG_CONFIG
 
 

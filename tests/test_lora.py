@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmcl.build import build_model, build_tokenizer, fit_text_config
-from mmcl.config import ConfigError, load_config
+from mmcl.config import ConfigError
+from mmcl.config_loader import load_config
 from mmcl.lora import merged_weights
 from mmcl.train import train
 from tests.conftest import DEBUG_CONFIG, free_port, save_tiny_model

@@ -128,7 +128,7 @@ def test_pretrained_minilm_tower_matches_sentence_transformers():
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer
 
-    from mmcl.config import load_config
+    from mmcl.config_loader import load_config
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "quickstart_minilm.yaml").model

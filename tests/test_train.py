@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from mmcl.artifacts import STATE_NAME
 from mmcl.checkpoint import checkpoints, resolve_resume
-from mmcl.config import load_config
+from mmcl.config_loader import load_config
 from mmcl.train import train
 from tests.conftest import DEBUG_CONFIG
 

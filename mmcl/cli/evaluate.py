@@ -10,7 +10,8 @@ from typing import Any
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..artifacts import check_model_reference
-    from ..config import EvalConfig, EvalSpec, build_section
+    from ..config import EvalConfig, EvalSpec
+    from ..config_loader import build_section
 
     check_model_reference(args.model)  # before the slow imports
     given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(EvalSpec)}

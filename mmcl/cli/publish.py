@@ -39,7 +39,7 @@ def wise_ft(args: argparse.Namespace, extra: list[str]) -> int:
 
     alphas = parse_alphas(args.alpha)
     if args.eval:
-        from ..config import load_config
+        from ..config_loader import load_config
 
         # the models are the two folders: the config gives the evaluations (its model keys need not be set)
         config = load_config(args.eval, [f"--model.init_from={args.finetuned}", *extra])

@@ -47,7 +47,7 @@ def type_name(hint: Any) -> str:
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> int:
-    from ..config import load_config
+    from ..config_loader import load_config
 
     config = load_config(args.config, overrides)
     from accelerate import PartialState

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from mmcl.config import ConfigError, load_config
+from mmcl.config import ConfigError
+
+from mmcl.config_loader import load_config
 from mmcl.data.augment import PRESETS, Augment, build_augment, edge_drawing
 
 
@@ -20,7 +22,7 @@ def test_augment_is_seeded_and_changes_the_image():
 
 
 def test_training_with_augmentation_runs(tmp_path, emoji_cache, small_emoji):
-    from mmcl.config import load_config
+    from mmcl.config_loader import load_config
     from mmcl.train import train
     from tests.conftest import DEBUG_CONFIG
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcl.config import ConfigError, SourceSpec, load_config
+from mmcl.config import ConfigError, SourceSpec
+
+from mmcl.config_loader import load_config
 from mmcl.data.images import load_image
 from mmcl.data.pairs import PairCollator, PairDataset
 from mmcl.data.sources import load_pairs, load_source, pair_columns, require_columns

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmcl.config import DataConfig, ModelConfig, load_config
+from mmcl.config import DataConfig, ModelConfig
+
+from mmcl.config_loader import load_config
 from mmcl.data.pairs import PairCollator
 from mmcl.build import build_image_processor, train_wordpiece
 from mmcl.data.sources import load_stream

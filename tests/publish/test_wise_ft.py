@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmcl.cli import main
-from mmcl.config import ConfigError, load_config
+from mmcl.config import ConfigError
+from mmcl.config_loader import load_config
 from mmcl.model import DualEncoder
 from mmcl.wise_ft import wise_ft
 from tests.conftest import save_tiny_model

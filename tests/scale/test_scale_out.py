@@ -113,7 +113,7 @@ def initial_weights(tokenizer, *overrides):
     from accelerate.utils import set_seed
 
     from mmcl.build import build_model, build_tokenizer, fit_text_config
-    from mmcl.config import load_config
+    from mmcl.config_loader import load_config
 
     config = load_config(str(DEBUG_CONFIG), [f"--model.tokenizer={tokenizer}", *overrides])
     fit_text_config(config.model, build_tokenizer(config.model))
