@@ -323,7 +323,8 @@ class DualEncoder(nn.Module):
         cfg = self.config
         if isinstance(self.vision_model, BackboneTower):
             return None, (f"the vision tower is the backbone {self.vision_model.config.backbone!r} (mmcl's adapter "
-                          "contract), which no transformers dual-encoder class holds; use the sentence-transformers route")
+                          "contract), not a transformers model: the sentence-transformers route carries the "
+                          "transformers copy its Backbone gives (to_transformers), if any")
         if cfg.text_pooling != "pooler" or cfg.vision_pooling != "pooler":
             return None, (f"pooling text={cfg.text_pooling!r}, vision={cfg.vision_pooling!r} has no native "
                           "transformers class: CLIPModel and VisionTextDualEncoderModel project each tower's "
