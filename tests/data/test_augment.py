@@ -44,7 +44,9 @@ def test_presets_are_seeded(preset):
     aug = build_augment(preset, {})
     views = [[np.asarray(aug(_drawing(), random.Random(seed))) for seed in range(12)] for _ in range(2)]
     assert all(np.array_equal(a, b) for a, b in zip(*views))  # same seeds, same bytes
-    assert len({v.tobytes() for v in views[0]}) == 12  # and every seed its own view
+    distinct = len({v.tobytes() for v in views[0]})
+    # light crops every view its own way; strong draws the image as it is, in gray or as edges
+    assert distinct == 12 if preset == "light" else distinct == 3
 
 
 def test_strong_preset_draws_edges_and_grayscale():
