@@ -46,7 +46,8 @@ DROPOUT = ("--model.text_config.hidden_dropout_prob=0.1", "--model.vision_config
 
 
 # every augmentation option on, resumed mid-epoch: each view is drawn from (seed, epoch, row)
-AUGMENT = ("--data.augment=strong", "--data.augment_options={flip: true}", "--train.gradient_accumulation_steps=1")
+AUGMENT = ("--data.augment=strong", "--data.augment_options={flip: true, scale: [0.5, 1.0], jitter: 0.3, saturation: 0.3, "
+           "blur: 0.3}", "--train.gradient_accumulation_steps=1")
 
 
 @pytest.mark.parametrize("loss", [(), ("--loss.queue_size=40", "--loss.momentum=0.9"), ("cluster",), DROPOUT, AUGMENT],
