@@ -8,7 +8,8 @@ export), then name it in a config:
     model.vision_model: backbone:efficientnet-lite0          # pretrained weights
     model.vision_config: {model_type: mmcl_backbone, backbone: efficientnet-lite0}  # random init
 
-A name is one of `BACKBONES`, or `package.module:attribute` naming a `Backbone` in your own code.
+A name is one of `BACKBONES`, or `package.module:attribute` naming a `Backbone` in your own code
+(imported as it is installed: a model folder names the backbone, it never brings code).
 `BackboneTower` wraps the module as a tower: it returns the features as `pooler_output`, so every
 pooling choice gives the same vector. The trained model saves and loads like any mmcl model (the
 weights are the tower's state dict; the config names the backbone).
@@ -17,7 +18,7 @@ weights are the tower's state dict; the config names the backbone).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -46,7 +47,6 @@ class Backbone:
     image_size: int = 224
     load_pretrained: Callable[[nn.Module], None] | None = None
     to_transformers: Callable[[nn.Module], Any] | None = None
-    requirements: str = field(default="", compare=False)  # the pip install line its code needs
 
 
 BACKBONES: dict[str, Backbone] = {}
@@ -145,4 +145,4 @@ BACKBONES["efficientnet-lite0"] = Backbone(
     build=lambda options: efficientnet.EfficientNetLite("efficientnet-lite0"), width=1280,
     image_mean=(127 / 255,) * 3, image_std=(128 / 255,) * 3,  # the package's (x - 127) / 128 on 0..255
     image_size=224, load_pretrained=efficientnet.load_lite0,
-    to_transformers=lambda module: efficientnet.to_transformers(module.net), requirements=efficientnet.INSTALL)
+    to_transformers=lambda module: efficientnet.to_transformers(module.net))
