@@ -27,9 +27,9 @@ from transformers import PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import efficientnet
+from .config import BACKBONE_MODEL_TYPE as MODEL_TYPE
+from .config import BACKBONE_PREFIX as PREFIX
 
-MODEL_TYPE = "mmcl_backbone"
-PREFIX = "backbone:"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTraine
 
 from . import backbones
 from .artifacts import MODEL_CONFIG_NAME, check_model_reference
-from .config import ConfigError, ModelConfig
+from .config import BACKBONE_PREFIX, ConfigError, ModelConfig
 from .inference import load_hf_dual_encoder, load_pretrained
 from .lora import apply_lora, is_adapter_weight
 from .model import DualEncoder, DualEncoderConfig, tower_from_dict
@@ -60,10 +60,9 @@ def build_tokenizer(cfg: ModelConfig, captions: Iterable[str] | None = None) -> 
 def build_image_processor(cfg: ModelConfig) -> Any:
     """The vision tower's image processor, or a plain resize + normalise to `image_size`."""
     source = _source(cfg, cfg.image_processor, cfg.vision_model)
-    if source and source.startswith(backbones.PREFIX):
-        return backbones.image_processor(source.removeprefix(backbones.PREFIX), cfg.image_size)
-    if not source and cfg.vision_config.get("model_type") == backbones.MODEL_TYPE:
-        return backbones.image_processor(cfg.vision_config.get("backbone", ""), cfg.image_size)
+    backbone = cfg.vision_backbone()
+    if backbone is not None and not cfg.image_processor and (cfg.vision_model or not cfg.init_from):
+        return backbones.image_processor(backbone, cfg.image_size)
     if source:
         return load_pretrained(AutoImageProcessor, source, "image processor", cfg.trust_remote_code)
     from transformers import ViTImageProcessorPil  # the PIL backend: no torchvision needed
@@ -121,7 +120,7 @@ def load_initial_model(cfg: ModelConfig) -> DualEncoder:
 
 def build_tower(name: str | None, config: dict[str, Any], trust_remote_code: bool) -> PreTrainedModel:
     """A pretrained tower (folder / Hub id), or one at random init from a config dict with `model_type`."""
-    if name and name.startswith(backbones.PREFIX):
+    if name and name.startswith(BACKBONE_PREFIX):
         return backbones.pretrained_tower(name)
     if name:
         check_model_reference(name)

@@ -25,6 +25,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
 
 Pooling = Literal["pooler", "cls", "mean"]
 TOWERS = ("text", "vision")
+BACKBONE_PREFIX = "backbone:"  # model.vision_model: backbone:NAME (mmcl/backbones.py)
+BACKBONE_MODEL_TYPE = "mmcl_backbone"  # model.vision_config: {model_type: mmcl_backbone, backbone: NAME}
 
 
 @dataclass
@@ -53,7 +55,7 @@ class ModelConfig:
 
     text_model: str | None = option(None, "text tower: a folder, a Hub id or pkg:NAME/dir")
     text_config: dict[str, Any] = option(help="random-init text tower config, with model_type", factory=dict)
-    vision_model: str | None = option(None, "vision tower: a folder, a Hub id or pkg:NAME/dir")
+    vision_model: str | None = option(None, "vision tower: a folder, a Hub id, pkg:NAME/dir or backbone:NAME")
     vision_config: dict[str, Any] = option(help="random-init vision tower config, with model_type", factory=dict)
     init_from: str | None = option(None, "start from a CLIPModel, VisionTextDualEncoderModel or mmcl folder")
     # With a random-init text tower and no tokenizer, a WordPiece tokenizer of
@@ -90,6 +92,16 @@ class ModelConfig:
         None, "attention kernel of both towers (transformers' attn_implementation): sdpa | eager | ...; empty: the "
               "tower's default (sdpa). On CPU under bf16, eager took half the step time of sdpa (scripts/bench_train.py)")
     trust_remote_code: bool = option(False, "let transformers run code shipped with a Hub model")
+
+    def vision_backbone(self) -> str | None:
+        """The backbone (mmcl/backbones.py) the vision tower is, by `vision_model: backbone:NAME` or a
+        `vision_config` of model_type mmcl_backbone; None for any other tower."""
+        if self.vision_model:
+            return self.vision_model.removeprefix(BACKBONE_PREFIX) if self.vision_model.startswith(BACKBONE_PREFIX) \
+                else None
+        if self.vision_config.get("model_type") == BACKBONE_MODEL_TYPE:
+            return str(self.vision_config.get("backbone", ""))
+        return None
 
 
 @dataclass

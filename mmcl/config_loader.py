@@ -228,8 +228,7 @@ def validate(config: Config) -> None:
             raise ConfigError("set model.text_model (folder or Hub id) or model.text_config.model_type")
         if not (m.vision_model or m.vision_config.get("model_type")):
             raise ConfigError("set model.vision_model (folder or Hub id) or model.vision_config.model_type")
-    backbone = (m.vision_model or "").removeprefix("backbone:") if (m.vision_model or "").startswith("backbone:") \
-        else m.vision_config.get("backbone") if m.vision_config.get("model_type") == "mmcl_backbone" else None
+    backbone = m.vision_backbone()
     if backbone is not None and not m.init_from:
         from .backbones import get_backbone
 
