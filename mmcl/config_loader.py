@@ -230,7 +230,7 @@ def validate(config: Config) -> None:
             raise ConfigError("set model.vision_model (folder or Hub id) or model.vision_config.model_type")
     backbone = m.vision_backbone()
     if backbone is not None and not m.init_from:
-        from .backbones import get_backbone
+        from .towers.backbones import get_backbone
 
         try:
             get_backbone(backbone)

@@ -39,7 +39,7 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
 def run_mmcl(folder: Path, processor, workers: int, batch: int) -> float:
     import torch
 
-    from mmcl.build import train_wordpiece
+    from mmcl.towers.build import train_wordpiece
     from mmcl.config import SourceSpec
     from mmcl.data.pairs import PairCollator, PairDataset
     from mmcl.data.sources import load_pairs

@@ -27,7 +27,7 @@ from bench_loss import _kib  # noqa: E402  (peak-RSS reading, shared with the Gr
 
 def worker(global_batch: int, ranks: int, dim: int) -> dict[str, float]:
     from mmcl.losses import clip
-    from mmcl.model import DualEncoderOutput
+    from mmcl.towers.model import DualEncoderOutput
 
     local = global_batch // ranks
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,7 @@ def _kib(field: str) -> int:
 def build(chunk: int, checkpointing: int = 0):
     from accelerate import Accelerator
 
-    from mmcl.build import build_model
+    from mmcl.towers.build import build_model
     from mmcl.config_loader import load_config
     from mmcl.losses import ClipLoss, Objective
 
@@ -59,7 +59,7 @@ def synthetic(batch: int) -> dict[str, torch.Tensor]:
 
 
 def worker(batch: int, chunk: int, steps: int, checkpointing: int) -> dict[str, float]:
-    from mmcl.train import training_step
+    from mmcl.training.loop import training_step
 
     acc, model, optimizer, objective = build(chunk, checkpointing)
     training_step(acc, model, objective, optimizer, synthetic(8), None)  # optimizer state allocated

@@ -19,7 +19,7 @@ Pairs, each on synthetic in-RAM data (the same batch for both sides of a pair):
                                 accelerate datasets evaluate pyyaml
                             /tmp/venv-peer/bin/pip install --no-deps -e .
                             /tmp/venv-peer/bin/python scripts/bench_train.py
-mmcl runs `mmcl.train.training_step` with `build_model` / `build_optimizer` (lr 1e-4, wd 0.1, no
+mmcl runs `mmcl.training.loop.training_step` with `build_model` / `build_optimizer` (lr 1e-4, wd 0.1, no
 clipping, as the peers); `--set section.key=value` applies a model / train config option to the mmcl
 sides only (e.g. the speed options). Each (implementation, precision) runs in its own process, so
 peak RSS (or peak CUDA memory) is its own; runs are interleaved and repeated; samples/s is over the
@@ -80,12 +80,12 @@ def autocast(device: str, precision: str):
 def mmcl_step_fn(impl: str, precision: str, options: list[str]) -> tuple[Callable, str]:
     from accelerate import Accelerator
 
-    from mmcl.build import build_model
+    from mmcl.towers.build import build_model
     from mmcl.config import ModelConfig, TrainConfig
     from mmcl.config_loader import build_section, parse_overrides
     from mmcl.losses import ClipLoss, Objective
-    from mmcl.optimization import build_optimizer
-    from mmcl.train import training_step
+    from mmcl.training.optimization import build_optimizer
+    from mmcl.training.loop import training_step
 
     text, vision = clip_towers() if impl == "mmcl_clip" else bert_vit()
     chosen = parse_overrides([f"--{o}" for o in options])

@@ -43,12 +43,12 @@ def main() -> None:
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmcl.build import build_model
+    from mmcl.towers.build import build_model
     from mmcl.config_loader import load_config
-    from mmcl.launch import build_accelerator
+    from mmcl.training.launch import build_accelerator
     from mmcl.losses import build_objective
-    from mmcl.optimization import build_optimizer
-    from mmcl.train import training_step
+    from mmcl.training.optimization import build_optimizer
+    from mmcl.training.loop import training_step
 
     config = load_config(args.config, args.overrides + extra)
     config.train.output_dir = tempfile.mkdtemp(prefix="mmcl-gpu-check-")

@@ -14,7 +14,7 @@ module paths). Run from the harness folder, naming this file:
   mmcl_clip_selective : mmcl_clip_lean with model.activation_checkpointing_policy=selective (the
               matmul and attention outputs kept; norms, activations, casts and sums recomputed).
   mmcl_bert : DualEncoder with BERT + ViT towers, mean/cls pooling (what mmcl's quickstart uses).
-All are built by mmcl.build.build_model from a ModelConfig and run mmcl.train.training_step under
+All are built by mmcl.towers.build.build_model from a ModelConfig and run mmcl.training.loop.training_step under
 an Accelerator (mixed_precision no|bf16 on CPU = autocast), with mmcl's optimizer (its parameter
 groups; lr 1e-4, wd 0.1 as the harness), no grad clipping (max_grad_norm=None, as open_clip's
 default), and clamp_logit_scale after each step.
@@ -31,9 +31,9 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
     import torch
     from accelerate import Accelerator
 
-    import mmcl.train as mt
-    from mmcl.optimization import build_optimizer
-    from mmcl.build import build_model
+    import mmcl.training.loop as mt
+    from mmcl.training.optimization import build_optimizer
+    from mmcl.towers.build import build_model
     from mmcl.config import ModelConfig, TrainConfig
     from mmcl.losses import ClipLoss, Objective
 
@@ -123,7 +123,7 @@ def build_mmcl_bert(arch, precision):
 
 def mmcl_loss_factory():
     from mmcl.losses import ClipLoss
-    from mmcl.model import DualEncoderOutput
+    from mmcl.towers.model import DualEncoderOutput
     import torch
     lf = ClipLoss()
     return lambda img, txt, s: lf(DualEncoderOutput(img, txt, torch.log(torch.as_tensor(s))))

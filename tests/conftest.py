@@ -41,7 +41,7 @@ def small_tokenizer(small_emoji, tmp_path_factory) -> Path:
     training its own may break ties differently (another vocabulary)."""
     from datasets import load_from_disk
 
-    from mmcl.build import train_wordpiece
+    from mmcl.towers.build import train_wordpiece
     from mmcl.data.pairs import iter_captions
 
     path = tmp_path_factory.mktemp("tokenizer") / "wordpiece500"
@@ -54,9 +54,9 @@ def save_tiny_model(folder: Path, words: str, vocab_size: int = 120) -> Path:
     with a WordPiece tokenizer trained on `words` and an image processor beside it."""
     import torch
 
-    from mmcl.build import build_image_processor, train_wordpiece
+    from mmcl.towers.build import build_image_processor, train_wordpiece
     from mmcl.config import ModelConfig
-    from mmcl.model import DualEncoder, DualEncoderConfig
+    from mmcl.towers.model import DualEncoder, DualEncoderConfig
     from tests.test_model import TEXT, VISION
 
     torch.manual_seed(0)

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmcl.backbones import BACKBONES, Backbone, BackboneConfig, BackboneTower, pretrained_tower
-from mmcl.build import build_image_processor, build_model, fit_text_config, train_wordpiece
-from mmcl.checkpoint import save_final
+from mmcl.towers.backbones import BACKBONES, Backbone, BackboneConfig, BackboneTower, pretrained_tower
+from mmcl.towers.build import build_image_processor, build_model, fit_text_config, train_wordpiece
+from mmcl.training.checkpoint import save_final
 from mmcl.config import Config, ConfigError, ModelConfig
 from mmcl.config_loader import load_config
-from mmcl.model import DualEncoder
+from mmcl.towers.model import DualEncoder
 from mmcl.publish.export import export_model
 from tests.conftest import DEBUG_CONFIG
 from tests.publish.test_export import BERT, CAPTIONS, TEXTS, _images, _load_clean, _mmcl_embeddings
@@ -73,7 +73,7 @@ def test_a_tiny_backbone_is_a_tower_with_its_own_preprocessing(tmp_path):
 
 
 def test_a_tiny_backbone_trains_and_locks_all_but_its_last_block(tmp_path, emoji_cache, small_emoji):
-    from mmcl.train import train
+    from mmcl.training.loop import train
 
     config = load_config(DEBUG_CONFIG, [
         f"--train.output_dir={tmp_path}", f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}",
@@ -94,7 +94,7 @@ def test_backbone_contract_errors_name_what_is_wrong():
         tower(pixel_values=torch.zeros(2, 3, 20, 20))
     with pytest.raises(ValueError, match="unknown backbone 'resnet9000'.*efficientnet-lite0"):
         BackboneTower(BackboneConfig(backbone="resnet9000"))
-    with pytest.raises(ValueError, match="is not a mmcl.backbones.Backbone"):
+    with pytest.raises(ValueError, match="is not a mmcl.towers.backbones.Backbone"):
         BackboneTower(BackboneConfig(backbone="tests.test_backbones:NOT_A_BACKBONE"))
     with pytest.raises(ConfigError, match="unknown backbone 'nope'"):
         load_config(DEBUG_CONFIG, ["--model.vision_model=backbone:nope"])

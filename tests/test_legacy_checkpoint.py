@@ -8,7 +8,7 @@ import shutil
 from safetensors.torch import load_file
 
 from mmcl.config_loader import load_config
-from mmcl.train import train
+from mmcl.training.loop import train
 from tests.conftest import DEBUG_CONFIG, REPO
 
 LEGACY = REPO / "tests" / "data" / "legacy_checkpoint"

@@ -12,11 +12,11 @@ from accelerate.utils import set_seed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mmcl.build import build_model, build_tokenizer, fit_text_config
+from mmcl.towers.build import build_model, build_tokenizer, fit_text_config
 from mmcl.config import ConfigError
 from mmcl.config_loader import load_config
-from mmcl.lora import merged_weights
-from mmcl.train import train
+from mmcl.towers.lora import merged_weights
+from mmcl.training.loop import train
 from tests.conftest import DEBUG_CONFIG, free_port, save_tiny_model
 from tests.scale.test_scale_out import accelerate, assert_same_steps, launch, train_args
 from tests.test_train import debug_config
@@ -96,7 +96,7 @@ def test_lora_run_resumes_exactly_from_checkpoints_of_what_trains(tmp_path, emoj
     print("max |difference| resumed-uninterrupted", worst)
     assert worst < 1e-6
     # the final folder is a plain model: it loads where peft cannot be imported
-    probe = (f"import sys; sys.modules['peft'] = None; from mmcl.model import DualEncoder; "
+    probe = (f"import sys; sys.modules['peft'] = None; from mmcl.towers.model import DualEncoder; "
              f"m = DualEncoder.from_pretrained({str(full / 'final')!r}); print(sum(p.numel() for p in m.parameters()))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and int(out.stdout.split()[-1]) == sum(t.numel() for t in a.values()), out.stderr[-2000:]

@@ -9,8 +9,8 @@ from transformers import (BertConfig, CLIPConfig, CLIPModel, CLIPTextConfig, CLI
                           VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
 
 from mmcl.config import ModelConfig
-from mmcl.build import build_model
-from mmcl.model import DualEncoder, DualEncoderConfig, Encoder, pool
+from mmcl.towers.build import build_model
+from mmcl.towers.model import DualEncoder, DualEncoderConfig, Encoder, pool
 
 TEXT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 32}

@@ -7,9 +7,9 @@ import pytest
 from safetensors.torch import load_file
 
 from mmcl.artifacts import STATE_NAME
-from mmcl.checkpoint import checkpoints, resolve_resume
+from mmcl.training.checkpoint import checkpoints, resolve_resume
 from mmcl.config_loader import load_config
-from mmcl.train import train
+from mmcl.training.loop import train
 from tests.conftest import DEBUG_CONFIG
 
 
@@ -101,7 +101,7 @@ def test_half_written_checkpoint_is_never_picked(tmp_path):
 def test_temperature_is_clamped(tmp_path, emoji_cache, small_emoji):
     import math
 
-    from mmcl.model import DualEncoder
+    from mmcl.towers.model import DualEncoder
 
     train(debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null",
                        "--model.init_temperature=0.001", "--train.max_steps=2", "--train.checkpoint_every=0"))

@@ -24,7 +24,7 @@ from ..data.pairs import caption_list
 from ..data.sources import is_plain_image_folder, load_pairs
 from ..evaluation.evaluators import embed_images, embed_texts
 from ..evaluation.zero_shot import load_templates, zero_shot_classifier
-from ..inference import EncoderBundle, load_encoder
+from ..towers.inference import EncoderBundle, load_encoder
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CACHE_DIR = ".mmcl_cache"

@@ -34,8 +34,8 @@ def push(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def wise_ft(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..wise_ft import parse_alphas, sweep
-    from ..wise_ft import wise_ft as mix
+    from ..apps.wise_ft import parse_alphas, sweep
+    from ..apps.wise_ft import wise_ft as mix
 
     alphas = parse_alphas(args.alpha)
     if args.eval:

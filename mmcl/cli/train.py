@@ -52,7 +52,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     config = load_config(args.config, overrides)
     from accelerate import PartialState
 
-    from ..train import train
+    from ..training.loop import train
 
     metrics = train(config)
     if PartialState().is_main_process:

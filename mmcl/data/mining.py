@@ -58,7 +58,7 @@ def embed_with_model(ds: Any, image_column: str, model: str, batch_size: int = 2
     from accelerate import Accelerator
 
     from ..evaluation.evaluators import embed_images
-    from ..inference import load_encoder
+    from ..towers.inference import load_encoder
 
     accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
     bundle = load_encoder(model).to(accelerator.device)

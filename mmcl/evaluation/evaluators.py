@@ -20,7 +20,7 @@ from ..config import EvalConfig, EvalSpec
 from ..data.images import load_image, processor_min_size
 from ..data.pairs import caption_list
 from ..data.sources import load_source, require_columns
-from ..inference import EncoderBundle, load_encoder
+from ..towers.inference import EncoderBundle, load_encoder
 from .metrics import per_class_accuracy, retrieval_metrics, zero_shot_metrics
 from .zero_shot import class_labels, load_per_class_prompts, load_templates, zero_shot_classifier
 
@@ -67,7 +67,7 @@ LONG_WORK_S = 3.0  # an evaluation's embedding shows its progress once it has ta
 def _bar(loader: Any, progress: bool, accelerator: Accelerator, unit: str) -> Any:
     if not progress:
         return loader
-    from ..tracking import progress
+    from ..training.tracking import progress
 
     return progress(loader, desc=f"embedding {unit}", unit="batches", total=len(loader), delay=LONG_WORK_S,
                     disable=not accelerator.is_local_main_process)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import DualEncoderOutput
+from ..towers.model import DualEncoderOutput
 from .distributed import gather_ids, gather_with_grad, is_distributed
 from .negatives import Negatives, duplicate_mask
 from .symmetric import symmetric_infonce

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model import DualEncoderOutput
+from ..towers.model import DualEncoderOutput
 from .negatives import Negatives
 from .queue import FeatureQueue
 from .ssl import ImageSSL

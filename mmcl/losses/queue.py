@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from ..model import DualEncoderOutput
+from ..towers.model import DualEncoderOutput
 from .distributed import gather_ids
 from .negatives import Negatives
 
@@ -74,7 +74,7 @@ class FeatureQueue(nn.Module):
     def push(self, images: torch.Tensor, texts: torch.Tensor, image_ids: torch.Tensor | None,
              text_ids: torch.Tensor | None) -> None:
         """Add every process's rows (gathered here) after the oldest are dropped. A batch with a
-        non-finite embedding (its update is skipped: `mmcl.train.training_step`) is not queued: it
+        non-finite embedding (its update is skipped: `mmcl.training.loop.training_step`) is not queued: it
         would make every later loss NaN. Every process sees the same gathered rows, so all agree."""
         images, texts = gather_ids(images.float()), gather_ids(texts.float())
         if not bool(torch.isfinite(images).all() & torch.isfinite(texts).all()):

@@ -212,7 +212,7 @@ print(labels[int(scores.argmax())])
 
 def _mmcl_usage(repo: str) -> str:
     return f'''```python
-from mmcl.model import DualEncoder
+from mmcl.towers.model import DualEncoder
 
 model = DualEncoder.from_pretrained("{repo}")  # a local folder; the tokenizer and image processor sit beside it
 ```'''

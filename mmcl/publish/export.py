@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..artifacts import EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, atomic_dir
-from ..backbones import BackboneTower, NoTransformersCopy, as_transformers
-from ..inference import EncoderBundle, load_encoder
-from ..model import DualEncoder
+from ..towers.backbones import BackboneTower, NoTransformersCopy, as_transformers
+from ..towers.inference import EncoderBundle, load_encoder
+from ..towers.model import DualEncoder
 
 COPIED = (TRAINING_CONFIG_NAME, INFO_NAME)  # metadata for the model card
 TOLERANCE = 1e-4  # max abs difference of unit-norm embeddings accepted at export time

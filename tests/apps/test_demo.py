@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcl.train import train
+from mmcl.training.loop import train
 from tests.conftest import REPO, free_port
 from tests.test_train import debug_config
 

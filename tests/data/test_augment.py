@@ -23,7 +23,7 @@ def test_augment_is_seeded_and_changes_the_image():
 
 def test_training_with_augmentation_runs(tmp_path, emoji_cache, small_emoji):
     from mmcl.config_loader import load_config
-    from mmcl.train import train
+    from mmcl.training.loop import train
     from tests.conftest import DEBUG_CONFIG
 
     config = load_config(DEBUG_CONFIG, [f"--train.output_dir={tmp_path}", f"--data.cache_dir={emoji_cache}",

@@ -16,7 +16,7 @@ from mmcl.data.pairs import PairDataset
 from mmcl.data.sources import load_pairs, load_source
 from mmcl.data.check import check_data
 from mmcl.data.convert import ShardWriter, convert_to_hf, convert_to_webdataset, webdataset_features
-from mmcl.build import build_image_processor, train_wordpiece
+from mmcl.towers.build import build_image_processor, train_wordpiece
 
 PROCESSOR = build_image_processor(ModelConfig(image_size=8))
 BOMB_LIMIT = 1000  # PIL.Image.MAX_IMAGE_PIXELS in these tests, so that a "bomb" is a few bytes

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmcl.build import build_image_processor
+from mmcl.towers.build import build_image_processor
 from mmcl.cli import main
 from mmcl.config import ConfigError, ModelConfig, SourceSpec
 from mmcl.data.mining import hard_negatives, mine_negatives

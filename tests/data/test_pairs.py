@@ -13,7 +13,7 @@ from mmcl.config_loader import load_config
 from mmcl.data.images import load_image
 from mmcl.data.pairs import PairCollator, PairDataset
 from mmcl.data.sources import load_pairs, load_source, pair_columns, require_columns
-from mmcl.build import build_image_processor, train_wordpiece
+from mmcl.towers.build import build_image_processor, train_wordpiece
 from mmcl.config import ModelConfig
 
 PROCESSOR = build_image_processor(ModelConfig(image_size=8))
@@ -103,7 +103,7 @@ def test_image_modes_become_rgb_and_transparency_white():
 
 
 def test_training_run_counts_a_bad_image(tmp_path, emoji_cache):
-    from mmcl.train import train
+    from mmcl.training.loop import train
 
     names = make_images(tmp_path / "imgs", n=40)
     (tmp_path / "imgs" / "broken.png").write_text("garbage")

@@ -14,7 +14,7 @@ from mmcl.config import DataConfig, ModelConfig
 
 from mmcl.config_loader import load_config
 from mmcl.data.pairs import PairCollator
-from mmcl.build import build_image_processor, train_wordpiece
+from mmcl.towers.build import build_image_processor, train_wordpiece
 from mmcl.data.sources import load_stream
 from mmcl.data.streaming import StreamingPairs
 from tests.conftest import DEBUG_CONFIG
@@ -76,7 +76,7 @@ def test_stream_resume_equals_uninterrupted(tmp_path, emoji_cache):
               "--data.shuffle_buffer=16", "--train.max_steps=8", "--train.checkpoint_every=4",
               "--train.per_device_batch_size=12", "--train.keep_last=0", "--train.progress_bar=false",
               f"--data.cache_dir={emoji_cache}", "--model.image_size=16"]
-    from mmcl.train import train
+    from mmcl.training.loop import train
 
     full = tmp_path / "full"
     metrics = train(load_config(DEBUG_CONFIG, [f"--train.output_dir={full}", *common]))
@@ -95,7 +95,7 @@ def test_named_columns_stream_like_a_hub_dataset(tmp_path, emoji_cache, small_em
     parquet file: what a streamed Hub dataset yields, offline."""
     import datasets
 
-    from mmcl.train import train
+    from mmcl.training.loop import train
 
     parquet = tmp_path / "pairs.parquet"
     datasets.load_from_disk(small_emoji).to_parquet(str(parquet))

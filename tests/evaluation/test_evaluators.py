@@ -15,11 +15,11 @@ from PIL import Image
 from mmcl.config import ConfigError, EvalConfig, EvalSpec
 from mmcl.evaluation.evaluators import evaluate_model, run_eval
 from mmcl.evaluation.zero_shot import class_labels
-from mmcl.inference import EncoderBundle
-from mmcl.model import DualEncoderOutput, Encoder
-from mmcl.build import train_wordpiece
+from mmcl.towers.inference import EncoderBundle
+from mmcl.towers.model import DualEncoderOutput, Encoder
+from mmcl.towers.build import train_wordpiece
 from mmcl.config import ModelConfig
-from mmcl.build import build_image_processor
+from mmcl.towers.build import build_image_processor
 from tests.conftest import REPO, save_tiny_model
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
@@ -156,7 +156,7 @@ def test_transformers_models_evaluate_through_the_same_path(tmp_path, kind):
     its embeddings are the model's own features, normalised."""
     from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
-    from mmcl.inference import load_encoder
+    from mmcl.towers.inference import load_encoder
 
     torch.manual_seed(0)
     text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=120,

@@ -10,7 +10,7 @@ from PIL import Image
 from mmcl.cli import main
 from mmcl.config import ConfigError
 from mmcl.evaluation.plots import panels, read_log, save_confusion_png
-from mmcl.train import train
+from mmcl.training.loop import train
 from tests.test_train import debug_config
 
 

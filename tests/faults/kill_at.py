@@ -11,7 +11,7 @@ import signal
 
 from accelerate import Accelerator
 
-from mmcl import train as train_module
+from mmcl.training import loop as train_module
 from mmcl.cli import run
 
 PHASE, AT = os.environ["MMCL_KILL_PHASE"], int(os.environ["MMCL_KILL_AT"])

@@ -3,9 +3,9 @@ loaded, listing every such key; logging, evaluation, checkpoint settings and the
 
 import pytest
 
-from mmcl.checkpoint import checkpoints
+from mmcl.training.checkpoint import checkpoints
 from mmcl.config import ConfigError
-from mmcl.train import train
+from mmcl.training.loop import train
 from tests.test_train import debug_config
 
 

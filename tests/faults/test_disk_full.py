@@ -11,9 +11,9 @@ import pytest
 from safetensors.torch import load_file
 
 from mmcl.artifacts import SaveError, folder_bytes
-from mmcl.checkpoint import checkpoints
-from mmcl.model import DualEncoder
-from mmcl.train import train
+from mmcl.training.checkpoint import checkpoints
+from mmcl.towers.model import DualEncoder
+from mmcl.training.loop import train
 from tests.conftest import DEBUG_CONFIG, REPO
 from tests.test_train import debug_config
 

@@ -11,8 +11,8 @@ import sys
 
 from safetensors.torch import load_file
 
-from mmcl.checkpoint import checkpoints
-from mmcl.train import train
+from mmcl.training.checkpoint import checkpoints
+from mmcl.training.loop import train
 from tests.conftest import DEBUG_CONFIG, REPO, one_thread
 from tests.test_train import debug_config
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from mmcl.artifacts import LOCK_NAME
-from mmcl.train import train
+from mmcl.training.loop import train
 from tests.conftest import DEBUG_CONFIG, REPO
 from tests.test_train import debug_config
 

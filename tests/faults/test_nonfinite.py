@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmcl.checkpoint import checkpoints
+from mmcl.training.checkpoint import checkpoints
 from mmcl.data.pairs import PairCollator
-from mmcl.train import NonFiniteError, train
+from mmcl.training.loop import NonFiniteError, train
 from tests.test_train import debug_config
 
 

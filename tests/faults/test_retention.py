@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import mmcl.train as train_module
-from mmcl.checkpoint import checkpoints
+import mmcl.training.loop as train_module
+from mmcl.training.checkpoint import checkpoints
 from mmcl.config import ConfigError
-from mmcl.train import RetentionError, train
+from mmcl.training.loop import RetentionError, train
 from tests.test_train import debug_config
 
 KEEP = "{keep: {task: zero_shot, dataset: 'builtin:emoji', label_column: name, max_samples: 20, every: 2}}"

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from mmcl.losses import build_loss
 from mmcl.config import LossConfig
 from mmcl.losses.objective import Objective, split_rows
-from mmcl.model import DualEncoder, DualEncoderConfig
+from mmcl.towers.model import DualEncoder, DualEncoderConfig
 
 TEXT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "vocab_size": 100, "max_position_embeddings": 32}

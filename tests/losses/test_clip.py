@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.losses import ClipLoss
-from mmcl.model import DualEncoderOutput
+from mmcl.towers.model import DualEncoderOutput
 
 
 def clip(images, texts, logit_scale, image_ids=None, text_ids=None):
@@ -85,7 +85,7 @@ def test_pair_ids_from_the_data_pipeline(tmp_path):
 
     from mmcl.config import ModelConfig
     from mmcl.data.pairs import PairCollator, PairDataset
-    from mmcl.build import build_image_processor, train_wordpiece
+    from mmcl.towers.build import build_image_processor, train_wordpiece
 
     Image.new("RGB", (6, 6), "red").save(tmp_path / "a.png")
     (tmp_path / "copy.png").write_bytes((tmp_path / "a.png").read_bytes())  # the same file twice

@@ -65,7 +65,7 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cac
     from datasets import load_from_disk
 
     from mmcl.data.pairs import iter_captions
-    from mmcl.build import train_wordpiece
+    from mmcl.towers.build import train_wordpiece
 
     tokenizer = tmp_path / "tokenizer"
     train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.losses import ClipLoss, Negatives, SigLipLoss
-from mmcl.model import DualEncoderOutput
+from mmcl.towers.model import DualEncoderOutput
 
 N, Q, K, D = 5, 4, 2, 6
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcl.losses import SigLipLoss
-from mmcl.model import DualEncoderOutput
+from mmcl.towers.model import DualEncoderOutput
 
 
 def naive_siglip(images, texts, logit_scale, logit_bias, image_ids=None, text_ids=None):

@@ -47,7 +47,7 @@ def test_identical_views_far_from_the_rest_give_a_low_loss():
 
 
 def test_the_model_embeds_views_with_its_head_and_exports_without_it(tmp_path):
-    from mmcl.model import DualEncoder
+    from mmcl.towers.model import DualEncoder
 
     model = tiny_model(0.0, None)
     batch = global_batch(3)

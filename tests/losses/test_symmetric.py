@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mmcl.losses import symmetric
 from mmcl.losses.clip import ClipLoss
-from mmcl.model import DualEncoderOutput
+from mmcl.towers.model import DualEncoderOutput
 
 
 def reference(a, b, logit_scale):

@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcl.checkpoint import save_final
+from mmcl.training.checkpoint import save_final
 from mmcl.config import Config, ModelConfig
 from mmcl.publish.export import ExportReport, export_model
-from mmcl.build import build_model
-from mmcl.model import DualEncoder
-from mmcl.build import build_image_processor, fit_text_config, train_wordpiece
+from mmcl.towers.build import build_model
+from mmcl.towers.model import DualEncoder
+from mmcl.towers.build import build_image_processor, fit_text_config, train_wordpiece
 
 BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "max_position_embeddings": 32}
@@ -119,7 +119,7 @@ def _load_clean(folder, native: bool, out) -> dict:
 
 @torch.no_grad()
 def _mmcl_embeddings(folder) -> tuple[torch.Tensor, torch.Tensor]:
-    from mmcl.inference import load_processors
+    from mmcl.towers.inference import load_processors
 
     model = DualEncoder.from_pretrained(folder)
     tokenizer, image_processor = load_processors(folder)
@@ -206,7 +206,7 @@ def test_siglip_init_keeps_its_heads_and_bias_and_exports_as_a_native_siglip_mod
     from transformers import SiglipConfig, SiglipModel
 
     from mmcl.config import LossConfig
-    from mmcl.inference import load_processors
+    from mmcl.towers.inference import load_processors
     from mmcl.losses import build_loss, init_logit_bias
 
     tokenizer = train_wordpiece(CAPTIONS, vocab_size=120)

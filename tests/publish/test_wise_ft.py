@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from mmcl.cli import main
 from mmcl.config import ConfigError
 from mmcl.config_loader import load_config
-from mmcl.model import DualEncoder
-from mmcl.wise_ft import wise_ft
+from mmcl.towers.model import DualEncoder
+from mmcl.apps.wise_ft import wise_ft
 from tests.conftest import save_tiny_model
 
 
@@ -70,7 +70,7 @@ def test_sweep_evaluates_each_mix_and_draws_the_trade_off(tmp_path, two_models, 
     """--alpha 0,0.5,1 --eval CONFIG: the ends score as the two models evaluated on their own, the
     middle as the alpha-0.5 folder; the JSON and the curve are written."""
     from mmcl.evaluation.evaluators import evaluate_model
-    from mmcl.train_data import eval_specs
+    from mmcl.training.train_data import eval_specs
 
     pretrained, finetuned = two_models
     config = tmp_path / "eval.yaml"

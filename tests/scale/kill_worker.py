@@ -7,7 +7,7 @@ import signal
 import time
 from pathlib import Path
 
-from mmcl import train as train_module
+from mmcl.training import loop as train_module
 from mmcl.cli import run
 
 step_once = train_module.Trainer.training_step

@@ -8,9 +8,9 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from mmcl.config import Config, ConfigError
-from mmcl.launch import check_lost_process, full_value, is_peer_failure
-from mmcl.model import DualEncoder, DualEncoderConfig
-from mmcl.train import check_sharding
+from mmcl.training.launch import check_lost_process, full_value, is_peer_failure
+from mmcl.towers.model import DualEncoder, DualEncoderConfig
+from mmcl.training.loop import check_sharding
 from tests.test_model import TEXT, VISION
 
 
@@ -71,7 +71,7 @@ def test_only_a_failed_collective_starts_a_roll_call():
 
 
 def test_a_deepspeed_launch_on_cpu_is_refused_not_silently_run_as_ddp(monkeypatch):
-    from mmcl.launch import shard_on_cpu
+    from mmcl.training.launch import shard_on_cpu
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match="DeepSpeed only on GPUs"):

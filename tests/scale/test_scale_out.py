@@ -112,7 +112,7 @@ def initial_weights(tokenizer, *overrides):
     """The weights a run starts from (the Trainer seeds, then builds the model)."""
     from accelerate.utils import set_seed
 
-    from mmcl.build import build_model, build_tokenizer, fit_text_config
+    from mmcl.towers.build import build_model, build_tokenizer, fit_text_config
     from mmcl.config_loader import load_config
 
     config = load_config(str(DEBUG_CONFIG), [f"--model.tokenizer={tokenizer}", *overrides])

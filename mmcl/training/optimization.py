@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

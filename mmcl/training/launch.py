@@ -19,8 +19,8 @@ from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataPara
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, broadcast_object_list
 
-from .artifacts import RunLock
-from .config import ConfigError, StopError, TrainConfig
+from ..artifacts import RunLock
+from ..config import ConfigError, StopError, TrainConfig
 
 ROLL_CALL_S = 15.0  # after a failed collective, how long the survivors wait for each other to answer
 

@@ -2,7 +2,7 @@
 
 `load_encoder(name)` accepts an mmcl folder, or a `CLIPModel`, `SiglipModel` or
 `VisionTextDualEncoderModel` folder or Hub id, and returns an `EncoderBundle`: an `Encoder`
-(see `mmcl.model`) plus what turns texts and images into its inputs. This is the only place that
+(see `mmcl.towers.model`) plus what turns texts and images into its inputs. This is the only place that
 loads a saved model for use; evaluation, `mmcl predict / embed / search` and the export probes
 all take the bundle.
 """
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import MODEL_CONFIG_NAME, check_model_reference, trained_text_inputs
-from .config import ConfigError
+from ..artifacts import MODEL_CONFIG_NAME, check_model_reference, trained_text_inputs
+from ..config import ConfigError
 from .model import DualEncoder, DualEncoderOutput, Encoder
 
 SUPPORTED = ("clip", "siglip", "siglip2", "vision-text-dual-encoder")

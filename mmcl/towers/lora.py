@@ -2,7 +2,7 @@
 peft: `model.lora: {text: {r, alpha, dropout, target_modules}, vision: {...}}`.
 
 peft injects its adapter layers into the tower in place, so the dual encoder keeps its structure
-(`text_model` is still the transformers tower) and its forward is unchanged; `mmcl.build` then
+(`text_model` is still the transformers tower) and its forward is unchanged; `mmcl.towers.build` then
 freezes the tower's own weights. A fresh adapter's up-projection is zero, so before the first step
 the model computes exactly what the base model computes. The saved model (final, best) has the
 updates merged into the base weights (`merged_weights`): a plain model that loads without peft.
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError, LoraSpec, ModelConfig
+from ..config import ConfigError, LoraSpec, ModelConfig
 
 ADAPTER = "default"
 

@@ -14,8 +14,8 @@ from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as text_tqdm
 
-from .artifacts import LOG_NAME, LOGS_DIR
-from .config import TrainConfig
+from ..artifacts import LOG_NAME, LOGS_DIR
+from ..config import TrainConfig
 
 
 class JsonlTracker(GeneralTracker):

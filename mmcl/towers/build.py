@@ -12,8 +12,8 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from . import backbones
-from .artifacts import MODEL_CONFIG_NAME, check_model_reference
-from .config import BACKBONE_PREFIX, ConfigError, ModelConfig
+from ..artifacts import MODEL_CONFIG_NAME, check_model_reference
+from ..config import BACKBONE_PREFIX, ConfigError, ModelConfig
 from .inference import load_hf_dual_encoder, load_pretrained
 from .lora import apply_lora, is_adapter_weight
 from .model import DualEncoder, DualEncoderConfig, tower_from_dict

@@ -2,7 +2,7 @@
 
 prepare -> accumulate -> forward -> loss -> backward -> clip_grad_norm_ -> step ->
 clamp temperature -> schedule -> log / evaluate / checkpoint. The rules of training dynamics
-(weight decay groups, temperature clamp, freezing) are here, in `mmcl.model` and in `mmcl.build`,
+(weight decay groups, temperature clamp, freezing) are here, in `mmcl.towers.model` and in `mmcl.towers.build`,
 nowhere else. Publishing the result (export, model card, Hub) is `mmcl.publish`'s job, after this.
 """
 
@@ -18,18 +18,18 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, send_to_device, set_seed
 
 from . import checkpoint as ckpt
-from .artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, RunLock, scrub_secrets, write_json
-from .build import build_model, fit_text_config
-from .config import Config, ConfigError, EvalSpec, StopError
-from .data.pairs import SkipCounter
-from .evaluation.evaluators import run_eval, scalars
-from .evaluation.retention import Retention, RetentionError
-from .inference import EncoderBundle
+from ..artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME, RunLock, scrub_secrets, write_json
+from ..towers.build import build_model, fit_text_config
+from ..config import Config, ConfigError, EvalSpec, StopError
+from ..data.pairs import SkipCounter
+from ..evaluation.evaluators import run_eval, scalars
+from ..evaluation.retention import Retention, RetentionError
+from ..towers.inference import EncoderBundle
 from .launch import (build_accelerator, check_lost_process, claim_output_dir, full_value, is_sharded,
                      peak_memory_mb, release_reducer, whole)
-from .lora import merged_weights, parameter_counts
-from .losses import build_objective, image_ssl_dim, init_logit_bias
-from .model import DualEncoder
+from ..towers.lora import merged_weights, parameter_counts
+from ..losses import build_objective, image_ssl_dim, init_logit_bias
+from ..towers.model import DualEncoder
 from .optimization import build_optimizer, build_scheduler
 from .tracking import build_trackers, flatten, progress_bar
 from .train_data import (build_processors, build_stream, build_train_loader, load_eval_datasets,
@@ -137,7 +137,7 @@ class Trainer:
                 "config": self.flat_config(), "frozen_sha256": self.frozen}
 
     def checkpoint(self) -> Path:
-        """The training state at this step (`mmcl.checkpoint.save`; frozen weights left out)."""
+        """The training state at this step (`mmcl.training.checkpoint.save`; frozen weights left out)."""
         return ckpt.save(self.accelerator, self.output_dir, self.step, self.config.train.keep_last, self.skipped,
                          self.stream, self.state(), self.state_bytes)
 
@@ -238,7 +238,7 @@ class Trainer:
 
     def draw_confusion(self, spec: EvalSpec, results: dict[str, Any]) -> None:
         if spec.confusion_matrix and "confusion" in results and self.accelerator.is_main_process:
-            from .evaluation.plots import save_confusion_png
+            from ..evaluation.plots import save_confusion_png
 
             save_confusion_png(results["confusion"], list(results["per_class_accuracy"]), spec.confusion_matrix)
 
@@ -402,7 +402,7 @@ def train(config: Config) -> dict[str, float]:
 
     Another live run writing to the same `train.output_dir` is refused (`RunLock`). When another
     process of the job is lost (killed, out of memory, its node gone), this one raises a
-    `mmcl.launch.LostProcessError` naming it, within seconds, instead of waiting on it."""
+    `mmcl.training.launch.LostProcessError` naming it, within seconds, instead of waiting on it."""
     lock = RunLock(config.train.output_dir)
     try:
         trainer = Trainer(config, lock)

@@ -27,8 +27,8 @@ from transformers import PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import efficientnet
-from .config import BACKBONE_MODEL_TYPE as MODEL_TYPE
-from .config import BACKBONE_PREFIX as PREFIX
+from ..config import BACKBONE_MODEL_TYPE as MODEL_TYPE
+from ..config import BACKBONE_PREFIX as PREFIX
 
 
 
@@ -58,11 +58,11 @@ def get_backbone(name: str) -> Backbone:
         return BACKBONES[name]
     if ":" not in name:
         raise ValueError(f"unknown backbone {name!r}: use one of {', '.join(sorted(BACKBONES))} or "
-                         "'package.module:attribute' naming a mmcl.backbones.Backbone")
+                         "'package.module:attribute' naming a mmcl.towers.backbones.Backbone")
     module, _, attribute = name.partition(":")
     spec = getattr(importlib.import_module(module), attribute, None)
     if not isinstance(spec, Backbone):
-        raise ValueError(f"backbone {name!r}: {module}.{attribute} is not a mmcl.backbones.Backbone")
+        raise ValueError(f"backbone {name!r}: {module}.{attribute} is not a mmcl.towers.backbones.Backbone")
     return spec
 
 

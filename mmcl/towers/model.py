@@ -5,7 +5,7 @@ one embedding space, and a learned temperature.
 (the log of the inverse temperature). The contrastive losses live in `mmcl.losses`.
 
 `Encoder` is the contract every consumer of a trained model relies on (evaluation, predict,
-export probes): `DualEncoder` implements it, and so do the adapters in `mmcl.inference` that wrap
+export probes): `DualEncoder` implements it, and so do the adapters in `mmcl.towers.inference` that wrap
 transformers' CLIPModel / SiglipModel / VisionTextDualEncoderModel. `DualEncoder.from_hf` and
 `DualEncoder.to_hf` are the one place that maps weights between mmcl and those CLIP formats.
 """
@@ -26,7 +26,7 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from .artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME
+from ..artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME
 from .backbones import MODEL_TYPE, BackboneTower, tower_from_config
 
 

@@ -17,10 +17,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors import safe_open
 
-from .artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, explain_write_errors,
+from ..artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, explain_write_errors,
                         folder_bytes, replace_dir, save_training_config, staging_dir, write_json)
-from .config import Config, ConfigError
-from .data.pairs import SkipCounter, Skipped
+from ..config import Config, ConfigError
+from ..data.pairs import SkipCounter, Skipped
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings a resume may change: where and how often to log, evaluate, checkpoint and publish; how

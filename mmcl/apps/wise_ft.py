@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artifacts import INFO_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, atomic_dir, write_json
-from .config import Config, ConfigError
+from ..artifacts import INFO_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, atomic_dir, write_json
+from ..config import Config, ConfigError
 
 def describe(tensor: torch.Tensor | None) -> str:
     return "absent" if tensor is None else f"{tuple(tensor.shape)} {str(tensor.dtype).removeprefix('torch.')}"
@@ -95,10 +95,10 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
     OUT/wise_ft_curve.png (retention across, the target metric up)."""
     from accelerate import Accelerator
 
-    from .evaluation.evaluators import load_eval_dataset, run_eval, scalars
-    from .evaluation.plots import pyplot, save_tradeoff_curve
-    from .inference import load_encoder
-    from .train_data import eval_specs
+    from ..evaluation.evaluators import load_eval_dataset, run_eval, scalars
+    from ..evaluation.plots import pyplot, save_tradeoff_curve
+    from ..towers.inference import load_encoder
+    from ..training.train_data import eval_specs
 
     pretrained, finetuned, out = Path(pretrained), Path(finetuned), Path(out)
     check_inputs(pretrained, finetuned)

@@ -9,16 +9,16 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from .artifacts import PROCESSOR_DIR
-from .build import build_image_processor, build_tokenizer
-from .config import Config, EvalSpec
-from .data.augment import Augment, build_augment
-from .data.clusters import ClusterBatchSampler, cluster_labels
-from .data.pairs import PairCollator, PairDataset, iter_captions
-from .data.sources import load_pairs, load_stream, require_columns
-from .data.streaming import StreamingPairs, stream_captions
-from .evaluation.evaluators import load_eval_dataset
-from .inference import load_processors
+from ..artifacts import PROCESSOR_DIR
+from ..towers.build import build_image_processor, build_tokenizer
+from ..config import Config, EvalSpec
+from ..data.augment import Augment, build_augment
+from ..data.clusters import ClusterBatchSampler, cluster_labels
+from ..data.pairs import PairCollator, PairDataset, iter_captions
+from ..data.sources import load_pairs, load_stream, require_columns
+from ..data.streaming import StreamingPairs, stream_captions
+from ..evaluation.evaluators import load_eval_dataset
+from ..towers.inference import load_processors
 
 
 def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: bool,
@@ -106,7 +106,7 @@ def load_eval_datasets(config: Config, accelerator: Accelerator) -> dict[str, tu
     """Every evaluation's data, loaded at start so that a bad column fails before training."""
     data, specs = config.data, eval_specs(config)
     if any(spec.confusion_matrix for spec in specs.values()):
-        from .evaluation.plots import pyplot
+        from ..evaluation.plots import pyplot
 
         pyplot()  # matplotlib is there, before training starts
     with accelerator.main_process_first():

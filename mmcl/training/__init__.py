@@ -1,0 +1,1 @@
+"""Training: `setup` builds a run, `loop` trains it."""
