@@ -247,6 +247,18 @@ def check_model_reference(name: str) -> None:
         raise ConfigError(f"{name}: no such model folder")
 
 
+def load_pretrained(auto_class: Any, name: str, what: str, trust_remote_code: bool = False) -> Any:
+    """`auto_class.from_pretrained(name)` (AutoModel, AutoTokenizer, ...), its OSError (not found,
+    offline, no such file in the folder) turned into a one-line error naming `name` and `what`."""
+    try:
+        return auto_class.from_pretrained(str(name), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        where = "" if Path(name).exists() else "not a local folder, and "
+        raise ConfigError(f"{name}: {where}cannot load its {what} ({first})") from err
+
+
+
 # --- the saved training config and metrics ---------------------------------------------------------
 def save_training_config(folder: Path, config: dict[str, Any]) -> None:
     """The resolved config beside a model, without anything secret-looking."""

@@ -3,7 +3,7 @@ carriage-return frames of a terminal bar; short work leaves no line."""
 
 import re
 
-from mmcl.training.tracking import progress
+from mmcl.progress import progress
 
 
 def test_a_log_gets_one_line_at_the_end_with_the_rate(capsys):

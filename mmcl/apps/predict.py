@@ -19,10 +19,10 @@ from accelerate import Accelerator
 from PIL import Image, ImageDraw
 
 from ..config import ConfigError, SourceSpec
+from ..data.embed import embed_images, embed_texts
 from ..data.images import load_image
 from ..data.pairs import caption_list
 from ..data.sources import is_plain_image_folder, load_pairs
-from ..evaluation.evaluators import embed_images, embed_texts
 from ..evaluation.zero_shot import load_templates, zero_shot_classifier
 from ..towers.inference import EncoderBundle, load_encoder
 

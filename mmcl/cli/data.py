@@ -39,10 +39,12 @@ def convert(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def mine_negatives(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..apps.predict import load_for_inference
     from ..data.mining import mine_negatives as mine
 
-    result = mine(_source(args), args.model, args.out, args.k, args.column, args.batch_size, args.block_size,
-                  args.num_workers, args.cache_dir)
+    bundle, accelerator = load_for_inference(args.model)
+    result = mine(_source(args), bundle, accelerator, args.out, args.k, args.column, args.batch_size,
+                  args.block_size, args.num_workers, args.cache_dir)
     print(result.summary())
     return 0
 

@@ -100,7 +100,7 @@ def _load_tokenizer(tokenizer: Any) -> tuple[Any, str | None]:
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
-        from ..towers.inference import load_pretrained
+        from ..artifacts import load_pretrained
 
         return load_pretrained(AutoTokenizer, tokenizer, "tokenizer"), tokenizer
     return tokenizer, getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__

@@ -18,8 +18,10 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from ..config import ConfigError
+from .embed import Embedder, embed_images
 
 
 # --- spherical k-means ------------------------------------------------------------------------------
@@ -199,28 +201,24 @@ def _check(labels: torch.Tensor, batch_size: int, clusters_per_batch: int) -> No
 
 
 # --- from a dataset ---------------------------------------------------------------------------------
-def cluster_labels(ds: Any, image_column: str, model: str, num_clusters: int, seed: int = 0,
-                   batch_size: int = 256, accelerator: Any = None, num_workers: int = 0) -> torch.Tensor:
-    """(N,) k-means cluster of each row of `ds`, from the image embeddings of `model` (an mmcl
-    folder, or a CLIP / SigLIP / VisionTextDualEncoder folder or Hub id).
+def cluster_labels(ds: Any, image_column: str, bundle: Embedder, accelerator: Accelerator, num_clusters: int,
+                   seed: int = 0, batch_size: int = 256, num_workers: int = 0) -> torch.Tensor:
+    """(N,) k-means cluster of each row of `ds`, from the image embeddings of `bundle` (a loaded
+    model, `mmcl.towers.inference.load_encoder`, on `accelerator`'s device).
 
-    With an `accelerator` (training passes its own) every process embeds its share of the rows
-    and all get all embeddings; process 0 runs k-means on its device and broadcasts the labels, so
-    every process builds the same batches (GPU arithmetic may differ between runs and devices).
+    Every process embeds its share of the rows and all get all embeddings; process 0 runs k-means
+    on its device and broadcasts the labels, so every process builds the same batches (GPU arithmetic may differ between runs and devices).
     Unreadable images (zero embeddings) are spread over the clusters by row number rather than
     piled into one.
     """
     from accelerate.utils import broadcast
 
-    from .mining import embed_with_model
-
-    embeds, valid = embed_with_model(ds, image_column, model, batch_size, accelerator, num_workers)
-    several = accelerator is not None and accelerator.num_processes > 1
+    embeds, valid = embed_images(bundle, ds, image_column, accelerator, batch_size, num_workers, progress=True)
+    several = accelerator.num_processes > 1
     if several and not accelerator.is_main_process:
         labels = torch.zeros(len(embeds), dtype=torch.long)  # filled in by the broadcast
     else:
-        device = accelerator.device if accelerator is not None else embeds.device
-        labels = kmeans(embeds.to(device), num_clusters, seed).cpu()
+        labels = kmeans(embeds.to(accelerator.device), num_clusters, seed).cpu()
         rows = (~valid).nonzero().flatten()
         labels[rows] = rows % num_clusters
     if several:

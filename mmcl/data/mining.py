@@ -25,9 +25,12 @@ from typing import Any
 
 import torch
 
-from ..artifacts import atomic_dir, check_model_reference
+from accelerate import Accelerator
+
+from ..artifacts import atomic_dir
 from ..config import ConfigError, SourceSpec
-from .convert import ConvertResult, open_source, usable_rows, save_embedded
+from .convert import ConvertResult, open_source, save_embedded, usable_rows
+from .embed import Embedder, embed_images
 from .images import stable_id
 from .pairs import caption_list
 
@@ -48,21 +51,6 @@ class MiningResult(ConvertResult):
         return (f"mined {self.k} hard negatives per row with {self.model}: {self.source} -> {self.out_dir} "
                 f"(column '{self.column}'), {self.written:,} of {self.rows:,} rows written, "
                 f"{self.skipped:,} skipped{skipped}{short}")
-
-
-def embed_with_model(ds: Any, image_column: str, model: str, batch_size: int = 256, accelerator: Any = None,
-                     num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit-norm (N, D) image embeddings of `ds[image_column]` by `model` (an mmcl folder, or a CLIP /
-    SigLIP / VisionTextDualEncoder folder or Hub id), and the (N,) mask of readable images (the
-    others embed as zeros). Without an `accelerator`, one on the available device."""
-    from accelerate import Accelerator
-
-    from ..evaluation.evaluators import embed_images
-    from ..towers.inference import load_encoder
-
-    accelerator = accelerator or Accelerator(cpu=not torch.accelerator.is_available())
-    bundle = load_encoder(model).to(accelerator.device)
-    return embed_images(bundle, ds, image_column, accelerator, batch_size, num_workers, progress=True)
 
 
 def _caption_ids(captions: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,32 +126,30 @@ def hard_negatives(embeds: torch.Tensor, image_ids: torch.Tensor, captions: list
     return picked
 
 
-def mine_negatives(source: SourceSpec, model: str, out_dir: str | Path, k: int = 4, column: str = "hard_negatives",
-                   batch_size: int = 256, block_size: int = 4096, num_workers: int = 0,
-                   cache_dir: str | None = None) -> MiningResult:
-    """Write `source` with a column of k hard-negative captions per row (module docstring) to `out_dir`.
+def mine_negatives(source: SourceSpec, bundle: Embedder, accelerator: Accelerator, out_dir: str | Path,
+                   k: int = 4, column: str = "hard_negatives", batch_size: int = 256, block_size: int = 4096,
+                   num_workers: int = 0, cache_dir: str | None = None) -> MiningResult:
+    """Write `source` with a column of k hard-negative captions per row (module docstring) to `out_dir`,
+    the images embedded by `bundle` (a loaded model, `mmcl.towers.inference.load_encoder`, on
+    `accelerator`'s device).
 
     Rows whose image cannot be decoded, or that have no caption, are skipped and counted in the
     result, as `mmcl data convert` skips them; `out_dir` must not exist or be empty.
     """
-    from accelerate import Accelerator
-
-    check_model_reference(model)
     if k < 1:
         raise ConfigError(f"k must be at least 1, not {k}")
     ds = open_source(source, out_dir, [], cache_dir)
     if column in ds.column_names:
         raise ConfigError(f"{source.dataset} already has a column '{column}'; name the new one with --column")
-    result = MiningResult(source.dataset, str(out_dir), "hf", model=model, k=k, column=column)
+    result = MiningResult(source.dataset, str(out_dir), "hf", model=getattr(bundle, "name", ""), k=k, column=column)
     infos, captions = [], []
     for info, cells in usable_rows(ds, source, result, [source.caption_column], num_workers, False):
         infos.append(info)
         captions.append(caption_list(cells[source.caption_column]))
     if not infos:
         raise ConfigError(f"{source.dataset}: no row has both a readable image and a caption; nothing to mine")
-    accelerator = Accelerator(cpu=not torch.accelerator.is_available())
-    embeds, valid = embed_with_model(ds.select([info.row for info in infos]), source.image_column, model,
-                                     batch_size, accelerator, num_workers)
+    embeds, valid = embed_images(bundle, ds.select([info.row for info in infos]), source.image_column, accelerator,
+                                 batch_size, num_workers, progress=True)
     keep = _keep_embedded(infos, valid, result)
     image_ids = [info.image_id if info.image_id is not None else stable_id(f"row:{info.row}".encode())
                  for info in infos]  # an in-memory image has no bytes: its own id, as in training

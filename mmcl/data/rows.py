@@ -104,7 +104,7 @@ def iter_image_infos(ds: Any, column: str, num_workers: int = 0, keep_bytes: boo
                      batch_size: int = 64, desc: str = "images") -> Iterator[ImageInfo]:
     """ImageInfo for every row, in row order; decoded in `num_workers` DataLoader workers if > 0,
     with progress (`desc`) and its rate."""
-    from ..training.tracking import progress
+    from ..progress import progress
 
     rows = _ImageRows(ds, column, keep_bytes)
     if num_workers <= 0:

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from . import backbones
-from ..artifacts import MODEL_CONFIG_NAME, check_model_reference
+from ..artifacts import MODEL_CONFIG_NAME, check_model_reference, load_pretrained
 from ..config import BACKBONE_PREFIX, ConfigError, ModelConfig
-from .inference import load_hf_dual_encoder, load_pretrained
+from .inference import load_hf_dual_encoder
 from .lora import apply_lora, is_adapter_weight
 from .model import DualEncoder, DualEncoderConfig, tower_from_dict
 

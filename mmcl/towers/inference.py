@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import MODEL_CONFIG_NAME, check_model_reference, trained_text_inputs
+from ..artifacts import MODEL_CONFIG_NAME, check_model_reference, load_pretrained, trained_text_inputs
 from ..config import ConfigError
 from .model import DualEncoder, DualEncoderOutput, Encoder
 
@@ -72,17 +72,6 @@ class EncoderBundle:
     def to(self, device: torch.device | str) -> "EncoderBundle":
         self.encoder.to(device)
         return self
-
-
-def load_pretrained(auto_class: Any, name: str, what: str, trust_remote_code: bool = False) -> Any:
-    """`auto_class.from_pretrained(name)` (AutoModel, AutoTokenizer, ...), its OSError (not found,
-    offline, no such file in the folder) turned into a one-line error naming `name` and `what`."""
-    try:
-        return auto_class.from_pretrained(str(name), trust_remote_code=trust_remote_code)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        where = "" if Path(name).exists() else "not a local folder, and "
-        raise ConfigError(f"{name}: {where}cannot load its {what} ({first})") from err
 
 
 def load_processors(name: str | os.PathLike, trust_remote_code: bool = False) -> tuple[Any, Any]:

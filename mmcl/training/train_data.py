@@ -18,7 +18,7 @@ from ..data.pairs import PairCollator, PairDataset, iter_captions
 from ..data.sources import load_pairs, load_stream, require_columns
 from ..data.streaming import StreamingPairs, stream_captions
 from ..evaluation.evaluators import load_eval_dataset
-from ..towers.inference import load_processors
+from ..towers.inference import load_encoder, load_processors
 
 
 def build_processors(config: Config, train_ds: Any, output_dir: Path, resuming: bool,
@@ -58,8 +58,9 @@ def build_train_loader(config: Config, train_ds: Any, tokenizer: Any, image_proc
                           max_image_bytes=data.max_image_bytes)
     collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
     if data.batch_sampler == "cluster":  # each batch from a few clusters: hard in-batch negatives
-        labels = cluster_labels(train_ds, data.image_column, data.cluster_model, data.num_clusters, tcfg.seed,
-                                accelerator=accelerator, num_workers=data.num_workers)
+        bundle = load_encoder(data.cluster_model).to(accelerator.device)
+        labels = cluster_labels(train_ds, data.image_column, bundle, accelerator, data.num_clusters, tcfg.seed,
+                                num_workers=data.num_workers)
         sampler = ClusterBatchSampler(labels, tcfg.per_device_batch_size, data.clusters_per_batch, tcfg.seed)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                            num_workers=data.num_workers)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from mmcl.config import ConfigError
 from mmcl.data.clusters import ClusterBatchSampler, cluster_labels, kmeans
+from mmcl.towers.inference import load_encoder
 from tests.conftest import save_tiny_model
 
 
@@ -153,9 +154,10 @@ def test_cluster_labels_embeds_a_dataset_and_spreads_unreadable_rows(tmp_path):
     paths += [str(tmp_path / "missing.png")] * 2
     ds = datasets.Dataset.from_dict({"image": paths})
     model = save_tiny_model(tmp_path / "model", "dark bright noise")
-    labels = cluster_labels(ds, "image", str(model), num_clusters=2, seed=0, batch_size=4)
+    labels = cluster_labels(ds, "image", load_encoder(str(model)), Accelerator(cpu=True), num_clusters=2, seed=0,
+                            batch_size=4)
     assert labels.shape == (10,) and set(labels.tolist()) <= {0, 1}
     assert labels[8:].tolist() == [0, 1]  # unreadable rows 8 and 9: spread by row number
-    again = cluster_labels(ds, "image", str(model), num_clusters=2, seed=0, batch_size=4,
-                           accelerator=Accelerator(cpu=True))  # as training passes its own
-    assert torch.equal(again, labels)
+    again = cluster_labels(ds, "image", load_encoder(str(model)), Accelerator(cpu=True), num_clusters=2, seed=0,
+                           batch_size=4)
+    assert torch.equal(again, labels)  # seeded: the same clusters twice

@@ -7,7 +7,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from accelerate import Accelerator
+
 from mmcl.towers.build import build_image_processor
+from mmcl.towers.inference import load_encoder
 from mmcl.cli import main
 from mmcl.config import ConfigError, ModelConfig, SourceSpec
 from mmcl.data.mining import hard_negatives, mine_negatives
@@ -149,5 +152,5 @@ def test_mistakes_are_one_line_errors(pairs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("mmcl data mine-negatives: error: ") and expected in err[0], err
     with pytest.raises(ConfigError, match="k must be at least 1"):
-        mine_negatives(SourceSpec(csv), model, tmp_path / "out", k=0)
+        mine_negatives(SourceSpec(csv), load_encoder(model), Accelerator(cpu=True), tmp_path / "out", k=0)
     assert not (tmp_path / "out").exists()
