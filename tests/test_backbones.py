@@ -52,7 +52,7 @@ def _folder(tmp_path, vision: dict | None = None, vision_model: str | None = Non
     torch.manual_seed(0)
     model = build_model(cfg)
     folder = tmp_path / "mmcl_model"
-    save_final(model, tokenizer, build_image_processor(cfg), Config(model=cfg), folder)
+    save_final(model, tokenizer, build_image_processor(cfg), Config(model=cfg).to_dict(), folder)
     return model, folder
 
 

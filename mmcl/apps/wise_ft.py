@@ -95,19 +95,17 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
     OUT/wise_ft_curve.png (retention across, the target metric up)."""
     from accelerate import Accelerator
 
-    from ..evaluation.evaluators import load_eval_dataset, run_eval, scalars
+    from ..evaluation.evaluators import eval_specs, load_eval_datasets, run_eval, scalars
     from ..evaluation.plots import pyplot, save_tradeoff_curve
     from ..towers.inference import load_encoder
-    from ..training.train_data import eval_specs
 
     pretrained, finetuned, out = Path(pretrained), Path(finetuned), Path(out)
     check_inputs(pretrained, finetuned)
-    specs = eval_specs(config)
+    specs = eval_specs(config.data, config.eval)
     target, retention = axes(config, target, retention, list(specs))
     pyplot()  # matplotlib is there, before the evaluations run
-    data = {name: (spec, load_eval_dataset(spec, config.data.cache_dir, config.data.emoji_image_size))
-            for name, spec in specs.items()}
     accelerator = Accelerator(cpu=not torch.accelerator.is_available())
+    data = load_eval_datasets(specs, config.data, accelerator)
     bundle = load_encoder(str(finetuned)).to(accelerator.device)
     a, b = load_file(pretrained / WEIGHTS_NAME), load_file(finetuned / WEIGHTS_NAME)
     shapes = {k: v.shape for k, v in bundle.encoder.state_dict().items()}  # an older folder's 0-d logit_scale

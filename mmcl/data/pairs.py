@@ -12,36 +12,66 @@ from typing import Any, Iterator, NamedTuple
 import datasets
 import torch
 
+from ..config import DataConfig, LossConfig
+from .augment import Augment, build_augment
 from .images import MAX_IMAGE_BYTES, describe, load_image, processor_min_size, read_image_bytes, stable_id
 
 
-def make_pair(cell: Any, caption_cell: Any, image_processor: Any, seed_key: str, augment: Any = None,
-              min_size: int | None = None, fallback_id: bytes = b"", views: Any = None,
-              max_bytes: int = MAX_IMAGE_BYTES) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PairRecipe:
+    """How a row becomes a training example, the same for map-style and streamed data: built once
+    per run (`from_config`) and handed to `make_pair`, `PairDataset` and `StreamingPairs`.
+
+    image_processor: the vision tower's (resize, normalise). augment: `data.augment`'s preset, or
+    None. views: SLIP's augmentation for two extra views of each image, or None. max_image_bytes: a
+    larger image file is not read (`data.max_image_bytes`). negative_column: the column of each
+    row's hard-negative captions (`loss.hard_negative_column`), or None.
+    """
+
+    image_processor: Any
+    augment: Augment | None = None
+    views: Augment | None = None
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    negative_column: str | None = None
+    min_size: int | None = field(init=False)  # the processor's smallest accepted side, from the processor
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "min_size", processor_min_size(self.image_processor))
+
+    @classmethod
+    def from_config(cls, data: DataConfig, loss: LossConfig, image_processor: Any) -> "PairRecipe":
+        views = None
+        if loss.image_ssl_weight:  # SLIP's views: a stronger crop and jitter than data.augment's
+            views = Augment(scale=(0.3, 1.0), flip=bool(data.augment_options.get("flip")), jitter=0.4)
+        return cls(image_processor, build_augment(data.augment, data.augment_options), views, data.max_image_bytes,
+                   loss.hard_negative_column)
+
+
+def make_pair(cell: Any, caption_cell: Any, recipe: PairRecipe, seed_key: str, fallback_id: bytes = b"") -> dict[str, Any]:
     """One training example from an image cell and a caption cell (raises if either is unusable).
 
     The randomness (augmentation, which caption of several) comes from `seed_key`, so it does not
     depend on workers or processes. `image_id` hashes the image bytes (`fallback_id` for an
-    in-memory image): the same file in two rows is one image, and ClipLoss masks twins.
-    `views` (an augmentation): also two augmented views of the image, for SLIP's term.
-    `max_bytes`: a larger image file is not read (`data.max_image_bytes`).
+    in-memory image): the same file in two rows is one image, and ClipLoss masks twins. With
+    `recipe.views`, also two augmented views of the image (`view_pixel_values`), for SLIP's term.
     """
     captions = caption_list(caption_cell)
     if not captions:
         raise ValueError(f"empty or non-text caption {caption_cell!r}")
     rng = random.Random(zlib.crc32(seed_key.encode()))
-    data = read_image_bytes(cell, max_bytes)
-    image = load_image(cell if data is None else data, min_size)
+    data = read_image_bytes(cell, recipe.max_image_bytes)
+    image = load_image(cell if data is None else data, recipe.min_size)
     decoded = image
-    if augment is not None:
-        image = augment(image, rng)
+    if recipe.augment is not None:
+        image = recipe.augment(image, rng)
     caption = rng.choice(captions)
-    item = {"pixel_values": image_processor(image, return_tensors="pt")["pixel_values"][0], "caption": caption,
+    processor = recipe.image_processor
+    item = {"pixel_values": processor(image, return_tensors="pt")["pixel_values"][0], "caption": caption,
             "image_id": stable_id(data if data is not None else fallback_id),
             "text_id": stable_id(caption.encode("utf-8"))}
-    if views is not None:
-        item["view_pixel_values"] = image_processor([views(decoded, rng), views(decoded, rng)],
-                                                    return_tensors="pt")["pixel_values"]
+    if recipe.views is not None:
+        views = [recipe.views(decoded, rng), recipe.views(decoded, rng)]
+        item["view_pixel_values"] = processor(views, return_tensors="pt")["pixel_values"]
     return item
 
 
@@ -90,17 +120,10 @@ class PairDataset(torch.utils.data.Dataset):
     seeded by (seed, epoch, row) so that the draw does not depend on workers or processes.
     """
 
-    def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str,
-                 image_processor: Any, seed: int = 0, max_tries: int = 64, augment: Any = None,
-                 negative_column: str | None = None, views: Any = None,
-                 max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
-        self.ds, self.image_column, self.caption_column = ds, image_column, caption_column
-        self.views = views  # SLIP: the augmentation of each image's two extra views, or None
-        self.negative_column = negative_column  # each row's hard-negative captions (a list), or None
-        self.image_processor, self.seed, self.epoch, self.max_tries = image_processor, seed, 0, max_tries
-        self.augment = augment  # (PIL image, random.Random) -> PIL image, or None
-        self.min_size = processor_min_size(image_processor)
-        self.max_image_bytes = max_image_bytes
+    def __init__(self, ds: datasets.Dataset, image_column: str, caption_column: str, recipe: PairRecipe,
+                 seed: int = 0, max_tries: int = 64) -> None:
+        self.ds, self.image_column, self.caption_column, self.recipe = ds, image_column, caption_column, recipe
+        self.seed, self.epoch, self.max_tries = seed, 0, max_tries
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -110,11 +133,10 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _load(self, row: int) -> dict[str, Any]:
         example = self.ds[row]
-        item = make_pair(example[self.image_column], example[self.caption_column], self.image_processor,
-                         f"{self.seed}/{self.epoch}/{row}", self.augment, self.min_size, f"row:{row}".encode(),
-                         self.views, self.max_image_bytes)
-        if self.negative_column:
-            item["negatives"] = caption_list(example[self.negative_column])
+        item = make_pair(example[self.image_column], example[self.caption_column], self.recipe,
+                         f"{self.seed}/{self.epoch}/{row}", f"row:{row}".encode())
+        if self.recipe.negative_column:
+            item["negatives"] = caption_list(example[self.recipe.negative_column])
         return {**item, "row": row}
 
     def __getitem__(self, index: int) -> dict[str, Any]:

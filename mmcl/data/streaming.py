@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import datasets
 
 from ..config import ConfigError, DataConfig
-from .images import processor_min_size, stable_id
-from .pairs import PairCollator, Skipped, caption_list, make_pair
+from .images import stable_id
+from .pairs import PairCollator, PairRecipe, Skipped, caption_list, make_pair
 from .sources import IMAGE_KEYS
 
 def pair_of(example: dict[str, Any], cfg: DataConfig) -> tuple[Any, Any]:
@@ -54,21 +54,16 @@ class StreamingPairs:
     read in it; `load_state_dict` makes the next iteration continue right after them.
     """
 
-    def __init__(self, ds: datasets.IterableDataset, cfg: DataConfig, image_processor: Any, collator: PairCollator,
-                 batch_size: int, seed: int, rank: int, world_size: int, shuffle_buffer: int = 1000,
-                 augment: Any = None, negative_column: str | None = None, views: Any = None) -> None:
+    def __init__(self, ds: datasets.IterableDataset, cfg: DataConfig, recipe: PairRecipe, collator: PairCollator,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         from datasets.distributed import split_dataset_by_node
 
-        if shuffle_buffer > 0:
-            ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)  # shard order and a buffer
+        if cfg.shuffle_buffer > 0:
+            ds = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)  # shard order and a buffer
         self.ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        self.cfg, self.image_processor, self.collator = cfg, image_processor, collator
-        self.batch_size, self.seed, self.augment = batch_size, seed, augment
-        self.negative_column = negative_column  # each row's hard-negative captions, or None
-        self.views = views  # SLIP: the augmentation of each image's two extra views, or None
+        self.cfg, self.recipe, self.collator, self.batch_size, self.seed = cfg, recipe, collator, batch_size, seed
         self.epoch, self.read = 0, 0
         self.pool = ThreadPoolExecutor(max(1, cfg.num_workers))
-        self.min_size = processor_min_size(image_processor)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -84,10 +79,9 @@ class StreamingPairs:
         key = str(example.get("__key__", index))
         try:
             cell, caption_cell = pair_of(example, self.cfg)
-            pair = make_pair(cell, caption_cell, self.image_processor, f"{self.seed}/{epoch}/{key}", self.augment,
-                             self.min_size, key.encode(), self.views, self.cfg.max_image_bytes)
-            if self.negative_column:
-                pair["negatives"] = caption_list(example.get(self.negative_column))
+            pair = make_pair(cell, caption_cell, self.recipe, f"{self.seed}/{epoch}/{key}", key.encode())
+            if self.recipe.negative_column:
+                pair["negatives"] = caption_list(example.get(self.recipe.negative_column))
         except Exception as err:  # a bad example is skipped and counted, never a crash
             source = f"{example.get('__url__', 'stream')}#{key}"
             return Skipped(stable_id(source.encode()), source, f"{type(err).__name__}: {err}"[:200])

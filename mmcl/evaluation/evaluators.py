@@ -13,7 +13,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 
-from ..config import EvalConfig, EvalSpec
+from ..config import DataConfig, EvalConfig, EvalSpec
 from ..data.embed import embed_images, embed_texts
 from ..data.pairs import caption_list
 from ..data.sources import load_source, require_columns
@@ -97,6 +97,29 @@ def load_eval_dataset(spec: EvalSpec, cache_dir: str | None = None, emoji_image_
     columns += [spec.image_id_column] if spec.image_id_column and spec.task == "retrieval" else []
     ds = require_columns(ds, spec, {column: f"(split {spec.split}) for the {spec.task} task" for column in columns})
     return ds.select(range(min(spec.max_samples, len(ds)))) if spec.max_samples else ds
+
+
+def eval_specs(data: DataConfig, cfg: EvalConfig, validation_every: int = 0) -> dict[str, EvalSpec]:
+    """`data.validation` as the retrieval evaluation named "val" (every `validation_every` steps), plus
+    the named `eval.sets`."""
+    specs = {}
+    if data.validation:
+        specs["val"] = EvalSpec(**vars(data.validation_source()), task="retrieval", every=validation_every,
+                                max_samples=data.max_validation_samples)
+    specs.update(cfg.sets)
+    return specs
+
+
+def load_eval_datasets(specs: dict[str, EvalSpec], data: DataConfig,
+                       accelerator: Accelerator) -> dict[str, tuple[EvalSpec, datasets.Dataset]]:
+    """Every evaluation's data, loaded at start so that a bad column fails before training."""
+    if any(spec.confusion_matrix for spec in specs.values()):
+        from .plots import pyplot
+
+        pyplot()  # matplotlib is there, before training starts
+    with accelerator.main_process_first():
+        return {name: (spec, load_eval_dataset(spec, data.cache_dir, data.emoji_image_size))
+                for name, spec in specs.items()}
 
 
 def run_eval(bundle: EncoderBundle, ds: datasets.Dataset, spec: EvalSpec, accelerator: Accelerator,

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from ..artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, explain_write_errors,
                         folder_bytes, replace_dir, save_training_config, staging_dir, write_json)
-from ..config import Config, ConfigError
+from ..config import ConfigError
 from ..data.pairs import SkipCounter, Skipped
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -197,9 +197,9 @@ def set_aside_newer(folder: Path, step: int, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config, final: Path,
+def save_final(model: Any, tokenizer: Any, image_processor: Any, config: dict[str, Any], final: Path,
                info: dict[str, Any] | None = None, state_dict: dict[str, Any] | None = None) -> None:
-    """The trained model with its tokenizer, image processor and resolved config, atomically;
+    """The trained model with its tokenizer, image processor and resolved config (`Config.to_dict()`), atomically;
     `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`; `state_dict`: the
     full weights gathered from a sharded `model` (`accelerator.get_state_dict`). A full disk or an
     unwritable folder raises `SaveError`; an earlier `final` stays as it was."""
@@ -210,6 +210,6 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: Config,
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
-        save_training_config(tmp, config.to_dict())  # nothing secret-looking
+        save_training_config(tmp, config)  # nothing secret-looking
         if info:
             write_json(tmp / INFO_NAME, info)

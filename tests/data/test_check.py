@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmcl.cli import main
 from mmcl.config import ConfigError, ModelConfig, SourceSpec
-from mmcl.data.pairs import PairDataset
+from mmcl.data.pairs import PairDataset, PairRecipe
 from mmcl.data.sources import load_pairs, load_source
 from mmcl.data.check import check_data
 from mmcl.data.convert import ShardWriter, convert_to_hf, convert_to_webdataset, webdataset_features
@@ -80,7 +80,7 @@ def test_every_bad_input_is_reported_with_its_row_and_training_agrees(bad_csv):
     assert report.width == {"min": 8, "median": 12, "max": 12} and report.height["max"] == 13
     assert report.trainable_rows == 5
     # exactly the rows the check calls bad are the rows training skips
-    pairs = PairDataset(load_pairs(SourceSpec(spec)), "image", "caption", PROCESSOR)
+    pairs = PairDataset(load_pairs(SourceSpec(spec)), "image", "caption", PairRecipe(PROCESSOR))
     trainable = set()
     for row in range(len(rows)):
         try:
@@ -110,7 +110,7 @@ def test_images_over_the_pixel_limit_are_bad_in_check_and_training(tmp_path, mon
     assert [e["row"] for e in report.bad_image_examples] == [1, 2]
     assert {e["kind"] for e in report.bad_image_examples} == {"decompression bomb"}
     pairs = PairDataset(load_pairs(SourceSpec(spec)), "image",
-                        "caption", PROCESSOR)
+                        "caption", PairRecipe(PROCESSOR))
     assert pairs[1]["row"] == 0 and [s.row for s in pairs[1]["skipped"]] == [1, 2]
 
 

@@ -14,7 +14,7 @@ from mmcl.towers.inference import load_encoder
 from mmcl.cli import main
 from mmcl.config import ConfigError, ModelConfig, SourceSpec
 from mmcl.data.mining import hard_negatives, mine_negatives
-from mmcl.data.pairs import PairDataset
+from mmcl.data.pairs import PairDataset, PairRecipe
 from mmcl.data.sources import load_pairs
 from tests.conftest import save_tiny_model
 
@@ -138,7 +138,7 @@ def test_the_command_writes_a_self_contained_folder_with_the_column(pairs, tmp_p
     assert "noise number 0" not in by_caption["the same noise again"]
     assert "noise number 5" not in by_caption["noise number 1"]  # row 9 is img5 under row 1's caption
     processor = build_image_processor(ModelConfig(image_size=16))
-    assert PairDataset(ds, "image", "caption", processor)[9]["skipped"] == []  # reads as training reads it
+    assert PairDataset(ds, "image", "caption", PairRecipe(processor))[9]["skipped"] == []  # reads as training reads it
 
 
 def test_mistakes_are_one_line_errors(pairs, tmp_path, capsys):

@@ -11,7 +11,7 @@ from mmcl.config import ConfigError, SourceSpec
 
 from mmcl.config_loader import load_config
 from mmcl.data.images import load_image
-from mmcl.data.pairs import PairCollator, PairDataset
+from mmcl.data.pairs import PairCollator, PairDataset, PairRecipe
 from mmcl.data.sources import load_pairs, load_source, pair_columns, require_columns
 from mmcl.towers.build import build_image_processor, train_wordpiece
 from mmcl.config import ModelConfig
@@ -35,7 +35,7 @@ def test_csv_paths_resolve_relative_to_the_file(tmp_path, monkeypatch):
     (tmp_path / "data" / "pairs.csv").write_text("\n".join(lines))
     monkeypatch.chdir(tmp_path)  # not the csv's folder
     ds = load_pairs(SourceSpec("data/pairs.csv", image_column="file", caption_column="text"))
-    item = PairDataset(ds, "file", "text", PROCESSOR)[2]
+    item = PairDataset(ds, "file", "text", PairRecipe(PROCESSOR))[2]
     assert item["caption"] == "caption 2" and item["skipped"] == []
     assert item["pixel_values"].shape == (3, 8, 8)
 
@@ -45,7 +45,7 @@ def test_jsonl_list_captions_sampled_deterministically(tmp_path):
     rows = [{"image": n, "captions": [f"a {i}", f"b {i}", f"c {i}"]} for i, n in enumerate(names)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ds = load_pairs(SourceSpec(str(tmp_path / "pairs.jsonl"), caption_column="captions"))
-    data = PairDataset(ds, "image", "captions", PROCESSOR, seed=1)
+    data = PairDataset(ds, "image", "captions", PairRecipe(PROCESSOR), seed=1)
     draws = {data[0]["caption"] for data.epoch in range(12) for _ in [0]}
     assert draws == {"a 0", "b 0", "c 0"}  # every caption gets drawn over epochs
     data.set_epoch(3)
@@ -57,7 +57,7 @@ def test_imagefolder_parquet_and_save_to_disk(tmp_path):
     (tmp_path / "folder" / "metadata.csv").write_text(
         "file_name,caption\n" + "\n".join(f"{n},picture {i}" for i, n in enumerate(names)))
     ds = load_pairs(SourceSpec(str(tmp_path / "folder")))
-    assert len(ds) == 6 and PairDataset(ds, "image", "caption", PROCESSOR)[0]["skipped"] == []
+    assert len(ds) == 6 and PairDataset(ds, "image", "caption", PairRecipe(PROCESSOR))[0]["skipped"] == []
     ds.save_to_disk(str(tmp_path / "disk"))
     assert len(load_source(SourceSpec(str(tmp_path / "disk")))) == 6
     pd_rows = [{"image": str(tmp_path / "folder" / n), "caption": "x"} for n in names]
@@ -84,7 +84,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     paths = ["zero.jpg", "text.jpg", "missing.png", "truncated.png"] + names
     ds = datasets.Dataset.from_dict({"image": [str(tmp_path / p) for p in paths], "caption": ["x"] * len(paths)})
-    data = PairDataset(ds, "image", "caption", PROCESSOR)
+    data = PairDataset(ds, "image", "caption", PairRecipe(PROCESSOR))
     item = data[0]  # rows 0-3 are bad: it falls through to row 4
     assert item["row"] == 4
     assert [s.row for s in item["skipped"]] == [0, 1, 2, 3]

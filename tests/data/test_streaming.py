@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from mmcl.config import DataConfig, ModelConfig
 
 from mmcl.config_loader import load_config
-from mmcl.data.pairs import PairCollator
+from mmcl.data.pairs import PairCollator, PairRecipe
 from mmcl.towers.build import build_image_processor, train_wordpiece
 from mmcl.data.sources import load_stream
 from mmcl.data.streaming import StreamingPairs
@@ -41,10 +41,11 @@ def write_shards(folder, n_shards=4, per_shard=12, bad=()):
 
 
 def stream(folder, rank, world, batch=4, workers=0):
-    cfg = DataConfig(train=str(folder), streaming=True, num_workers=workers)
+    cfg = DataConfig(train=str(folder), streaming=True, num_workers=workers, shuffle_buffer=8)
     tokenizer = train_wordpiece(WORDS + ["0 1 2 3 4 5 6 7 8 9"], 100)
-    return StreamingPairs(load_stream(cfg.train_source()), cfg, build_image_processor(ModelConfig(image_size=8)),
-                          PairCollator(tokenizer, 16), batch, seed=0, rank=rank, world_size=world, shuffle_buffer=8)
+    recipe = PairRecipe(build_image_processor(ModelConfig(image_size=8)))
+    return StreamingPairs(load_stream(cfg.train_source()), cfg, recipe, PairCollator(tokenizer, 16), batch, seed=0,
+                          rank=rank, world_size=world)
 
 
 def images_of(pairs, n_batches):

@@ -84,7 +84,7 @@ def test_pair_ids_from_the_data_pipeline(tmp_path):
     from PIL import Image
 
     from mmcl.config import ModelConfig
-    from mmcl.data.pairs import PairCollator, PairDataset
+    from mmcl.data.pairs import PairCollator, PairDataset, PairRecipe
     from mmcl.towers.build import build_image_processor, train_wordpiece
 
     Image.new("RGB", (6, 6), "red").save(tmp_path / "a.png")
@@ -92,7 +92,7 @@ def test_pair_ids_from_the_data_pipeline(tmp_path):
     Image.new("RGB", (6, 6), "blue").save(tmp_path / "b.png")
     ds = datasets.Dataset.from_dict({"image": [str(tmp_path / n) for n in ("a.png", "copy.png", "b.png")],
                                      "caption": ["red square", "a copy", "red square"]})
-    data = PairDataset(ds, "image", "caption", build_image_processor(ModelConfig(image_size=4)))
+    data = PairDataset(ds, "image", "caption", PairRecipe(build_image_processor(ModelConfig(image_size=4))))
     batch = PairCollator(train_wordpiece(["red square a copy"], 60), 8)([data[i] for i in range(3)])
     image_ids, text_ids = batch["image_ids"].tolist(), batch["text_ids"].tolist()
     assert image_ids[0] == image_ids[1] != image_ids[2]

@@ -103,7 +103,7 @@ def _train_like_folder(tmp_path, text, vision, text_pooling, vision_pooling):
     with torch.no_grad():
         model.logit_scale.fill_(3.3)
     folder = tmp_path / "mmcl_model"
-    save_final(model, tokenizer, build_image_processor(cfg), Config(model=cfg), folder)
+    save_final(model, tokenizer, build_image_processor(cfg), Config(model=cfg).to_dict(), folder)
     return folder
 
 
@@ -240,7 +240,7 @@ def test_siglip_init_keeps_its_heads_and_bias_and_exports_as_a_native_siglip_mod
     optimizer.step()
     assert model.logit_bias.item() != pytest.approx(-7.0)
     folder = tmp_path / "mmcl_model"
-    save_final(model.eval(), tokenizer, load_processors(hub_like)[1], Config(model=cfg), folder)
+    save_final(model.eval(), tokenizer, load_processors(hub_like)[1], Config(model=cfg).to_dict(), folder)
 
     report = export_model(folder, tmp_path / "exported")
     assert report.native_class == "SiglipModel" and report.sentence_transformers

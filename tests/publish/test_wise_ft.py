@@ -70,7 +70,7 @@ def test_sweep_evaluates_each_mix_and_draws_the_trade_off(tmp_path, two_models, 
     """--alpha 0,0.5,1 --eval CONFIG: the ends score as the two models evaluated on their own, the
     middle as the alpha-0.5 folder; the JSON and the curve are written."""
     from mmcl.evaluation.evaluators import evaluate_model
-    from mmcl.training.train_data import eval_specs
+    from mmcl.evaluation.evaluators import eval_specs
 
     pretrained, finetuned = two_models
     config = tmp_path / "eval.yaml"
@@ -86,7 +86,8 @@ def test_sweep_evaluates_each_mix_and_draws_the_trade_off(tmp_path, two_models, 
     assert [row["alpha"] for row in record["rows"]] == [0.0, 0.5, 1.0]
     assert (out / "wise_ft_curve.png").stat().st_size > 10_000
     wise_ft(pretrained, finetuned, 0.5, tmp_path / "half")
-    specs = eval_specs(load_config(str(config), [f"--model.init_from={finetuned}"]))
+    loaded = load_config(str(config), [f"--model.init_from={finetuned}"])
+    specs = eval_specs(loaded.data, loaded.eval)
     for row, model in zip(record["rows"], (pretrained, tmp_path / "half", finetuned)):
         for name, spec in specs.items():
             alone = evaluate_model(str(model), spec, cache_dir=emoji_cache)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from mmcl.config import Config, ConfigError
 from mmcl.training.launch import check_lost_process, full_value, is_peer_failure
 from mmcl.towers.model import DualEncoder, DualEncoderConfig
-from mmcl.training.loop import check_sharding
+from mmcl.training.setup import check_sharding
 from tests.test_model import TEXT, VISION
 
 
@@ -28,11 +28,11 @@ def test_options_that_are_not_sharding_safe_are_refused(option, value, message):
     config = Config()
     setattr(config.loss, option, value)
     with pytest.raises(ConfigError, match=message):
-        check_sharding(config, fake_accelerator())
-    check_sharding(config, fake_accelerator(DistributedType.MULTI_CPU))  # DDP: fine
+        check_sharding(config.model, config.loss, fake_accelerator())
+    check_sharding(config.model, config.loss, fake_accelerator(DistributedType.MULTI_CPU))  # DDP: fine
     config.loss.momentum = 0.0
     if option == "queue_size":  # a queue of the model's own embeddings holds no model copy
-        check_sharding(config, fake_accelerator())
+        check_sharding(config.model, config.loss, fake_accelerator())
 
 
 def test_fsdp_wraps_each_towers_blocks():

@@ -1,0 +1,185 @@
+"""Everything a training run is built from, in the order it is used: `setup(config) -> Run`.
+
+1. accelerator and output folder  2. data and evaluation sets  3. tokenizer and image processor
+4. model  5. optimizer and schedule  6. prepare (batches, model, optimizer)  7. objective  8. resume
+
+Each builder takes the config section it reads. `Run` holds exactly what the loop (`loop.py`) then
+touches; this module never imports the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from ..artifacts import LOG_NAME, LOGS_DIR, PROCESSOR_DIR, RunLock, scrub_secrets
+from ..config import Config, ConfigError, EvalSpec, LossConfig, ModelConfig, TrainConfig
+from ..data.loader import TrainBatches, build_stream, build_train_loader, load_train_dataset, train_captions
+from ..data.pairs import PairCollator, PairRecipe, SkipCounter
+from ..evaluation.evaluators import eval_specs, load_eval_datasets
+from ..evaluation.retention import Retention
+from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias
+from ..towers.build import build_image_processor, build_model, build_tokenizer, fit_text_config
+from ..towers.inference import EncoderBundle, load_encoder, load_processors
+from . import checkpoint as ckpt
+from .launch import build_accelerator, claim_output_dir, is_sharded
+from .optimization import build_optimizer, build_scheduler
+from .tracking import build_trackers, flatten
+
+
+@dataclass
+class Run:
+    """What the training loop touches. `model` and `optimizer` are the prepared ones (DDP / FSDP
+    wrappers); `bundle` runs evaluations through that model; `config` is the resolved config, with
+    anything secret-looking dropped, as it is saved beside every model and checkpoint; `resumed` is
+    the checkpoint's state (step, best, counters) when the run resumes, else None."""
+
+    accelerator: Accelerator
+    output_dir: Path
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    objective: Objective
+    batches: TrainBatches
+    bundle: EncoderBundle
+    evals: dict[str, tuple[EvalSpec, Any]]
+    retention: Retention
+    config: dict[str, Any]
+    geometry: dict[str, Any]
+    frozen: str | None  # SHA-256 of the frozen weights (checkpoints leave them out); None when all train
+    skipped: SkipCounter
+    resumed: dict[str, Any] | None = None
+
+
+def setup(config: Config, lock: RunLock) -> Run:
+    """Build the run `config` describes, resumed from `train.resume` when it names a checkpoint."""
+    t = config.train
+    output_dir = Path(t.output_dir)
+    # 1. accelerator and output folder (the lock is taken for every process)
+    acc = build_accelerator(t, build_trackers(t.report_to, output_dir))
+    claim_output_dir(lock, acc)
+    check_sharding(config.model, config.loss, acc)
+    set_seed(t.seed)
+    resume_dir = ckpt.resolve_resume(t.resume, output_dir)
+    # 2. data and evaluation sets (a bad column fails now, not after an hour of training)
+    train_ds = load_train_dataset(config.data, config.loss.hard_negative_column, acc)
+    evals = load_eval_datasets(eval_specs(config.data, config.eval, t.eval_every), config.data, acc)
+    retention = Retention(config.eval.retention, config.eval.stop_if_retention_below, evals)
+    # 3. tokenizer and image processor (a tokenizer trained on the captions is saved, and reused on resume)
+    tokenizer, image_processor = build_processors(config.model, train_captions(train_ds, config.data),
+                                                  output_dir / PROCESSOR_DIR, resume_dir is not None, acc)
+    fit_text_config(config.model, tokenizer)
+    # 4. model (seeded again: the same initial weights whatever happened before)
+    set_seed(t.seed)
+    model = build_model(config.model, init_logit_bias(config.loss), image_ssl_dim(config.loss))
+    # 5. optimizer and schedule
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t)
+    # 6. prepare: the batches, and what Accelerate wraps
+    recipe = PairRecipe.from_config(config.data, config.loss, image_processor)
+    collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
+    if config.data.streaming:  # each process reads its own part of the stream: not through Accelerate
+        batches = TrainBatches(acc, stream=build_stream(train_ds, config.data, recipe, collator,
+                                                        t.per_device_batch_size, t.seed, acc))
+        prepared_model, optimizer = acc.prepare(model, optimizer)
+    else:
+        labels = build_cluster_labels(train_ds, config, acc) if config.data.batch_sampler == "cluster" else None
+        loader = build_train_loader(train_ds, config.data, recipe, collator, t.per_device_batch_size, t.seed, labels)
+        prepared_model, optimizer, loader = acc.prepare(model, optimizer, loader)
+        batches = TrainBatches(acc, loader=loader, accumulation=t.gradient_accumulation_steps)
+        check_one_batch(batches, len(train_ds), config.data.train, t, acc)
+    acc.register_for_checkpointing(scheduler)
+    frozen = None if is_sharded(acc) else ckpt.frozen_fingerprint(model)
+    if frozen:  # checkpoints hold what trains; a resume rebuilds the rest from the config
+        acc.register_save_state_pre_hook(ckpt.drop_frozen)
+    # 7. objective (runs the prepared model; its queue copies it)
+    objective = build_objective(config.loss, prepared_model, acc)
+    if objective.has_state():  # a queue and its momentum copy: checkpointed with the rest
+        acc.register_for_checkpointing(objective)
+    bundle = EncoderBundle(prepared_model, tokenizer, image_processor, config.model.text_padding,
+                           config.model.max_text_length)
+    run = Run(acc, output_dir, prepared_model, optimizer, scheduler, objective, batches, bundle, evals, retention,
+              scrub_secrets(config.to_dict()), geometry(t, config.data.streaming, acc), frozen, SkipCounter())
+    # 8. resume, or a fresh log
+    if resume_dir is not None:
+        run.resumed = resume(run, resume_dir, acc.unwrap_model(prepared_model))
+    elif acc.is_main_process:  # a resumed run appends to its log
+        (output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
+    return run
+
+
+def build_processors(cfg: ModelConfig, captions: Iterator[str], folder: Path, resuming: bool,
+                     accelerator: Accelerator) -> tuple[Any, Any]:
+    """Tokenizer and image processor, saved to `folder` (the run's `processor/`) by the main process.
+
+    Tokenizer training is not deterministic (ties between merges), so it runs once, on the main
+    process; the other processes, and a resumed run, load what it saved."""
+    with accelerator.main_process_first():
+        if (resuming or not accelerator.is_main_process) and (folder / "tokenizer_config.json").is_file():
+            return load_processors(folder, cfg.trust_remote_code)
+        tokenizer, image_processor = build_tokenizer(cfg, captions), build_image_processor(cfg)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(folder)
+            image_processor.save_pretrained(folder)
+    return tokenizer, image_processor
+
+
+def build_cluster_labels(ds: Any, config: Config, accelerator: Accelerator) -> torch.Tensor:
+    """`data.batch_sampler: cluster`: each row's k-means cluster of `data.cluster_model`'s image embeddings."""
+    from ..data.clusters import cluster_labels
+
+    data = config.data
+    bundle = load_encoder(data.cluster_model).to(accelerator.device)
+    return cluster_labels(ds, data.image_column, bundle, accelerator, data.num_clusters, config.train.seed,
+                          num_workers=data.num_workers)
+
+
+def check_one_batch(batches: TrainBatches, rows: int, name: str, t: TrainConfig, acc: Accelerator) -> None:
+    if batches.steps_per_epoch == 0:
+        raise ConfigError(f"{name}: {rows} rows is less than one global batch ({t.per_device_batch_size} x "
+                          f"{acc.num_processes} processes); lower train.per_device_batch_size")
+
+
+def check_sharding(model: ModelConfig, loss: LossConfig, acc: Accelerator) -> None:
+    """The options that are not sharding-safe yet, refused before anything is prepared."""
+    if not is_sharded(acc):
+        return
+    if model.lora:
+        raise ConfigError("model.lora is not supported with sharded parameters (FSDP / DeepSpeed) yet: its adapters "
+                          "are merged from whole weights; use a DDP launch config")
+    if loss.cache_chunk:
+        raise ConfigError("loss.cache_chunk (GradCache) is not supported with sharded parameters (FSDP / DeepSpeed) "
+                          "yet: use a DDP launch config, or set loss.cache_chunk=0")
+    if loss.queue_size and loss.momentum:
+        raise ConfigError("loss.momentum > 0 keeps a full EMA copy of the model, which is not sharded: with FSDP / "
+                          "DeepSpeed set loss.momentum=0 (a queue of the model's own embeddings) or use DDP")
+
+
+def geometry(t: TrainConfig, streaming: bool, acc: Accelerator) -> dict[str, Any]:
+    """What decides which examples a step reads: a resume must keep it."""
+    return {"num_processes": acc.num_processes, "per_device_batch_size": t.per_device_batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps, "streaming": streaming}
+
+
+def resume(run: Run, folder: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the checkpoint in `folder` into the run, after checking that it belongs to this run
+    (the same geometry, settings and frozen weights); returns its saved state."""
+    saved = ckpt.read_state(folder)  # checked before anything is loaded or set aside
+    check_geometry(saved.get("geometry"), run.geometry, folder)
+    ckpt.check_config(saved.get("config"), flatten(run.config), folder)
+    if run.frozen:
+        ckpt.check_frozen(folder, model, saved.get("frozen_sha256"), run.frozen)
+    return ckpt.load(run.accelerator, folder, run.skipped, run.batches.stream, whole_model=run.frozen is None)
+
+
+def check_geometry(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path) -> None:
+    if saved is not None and saved != now:
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        raise ConfigError(f"train.resume: {folder} was saved with {', '.join(f'{k}={a}' for k, (a, _) in changed.items())}; "
+                          f"now {', '.join(f'{k}={b}' for k, (_, b) in changed.items())}. Resuming would read other "
+                          "examples than the interrupted run: keep them equal, or start a new run")
