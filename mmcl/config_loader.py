@@ -262,8 +262,6 @@ def validate_loss(loss: LossConfig, data: DataConfig) -> None:
             raise ConfigError(f"'loss.{key}' must be >= 0")
     if not 0.0 <= loss.momentum < 1.0:
         raise ConfigError(f"'loss.momentum' must be in [0, 1), got {loss.momentum}")
-    if loss.cache_chunk and loss.image_ssl_weight:
-        raise ConfigError("loss.image_ssl_weight cannot be combined with loss.cache_chunk yet: set one of them to 0")
     if data.batch_sampler == "cluster" and not data.cluster_model:
         raise ConfigError("data.batch_sampler=cluster needs data.cluster_model (a trained model folder to embed "
                           "the images with)")

@@ -103,7 +103,7 @@ def mmcl_step_fn(impl: str, precision: str, options: list[str]) -> tuple[Callabl
     objective = Objective(ClipLoss(), accelerator)
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss, _, _ = training_step(accelerator, model, objective, optimizer, dict(batch), train_cfg.max_grad_norm)
+        loss = training_step(accelerator, model, objective, optimizer, dict(batch), train_cfg.max_grad_norm).loss
         accelerator.unwrap_model(model).clamp_logit_scale()
         return loss
     return step, str(accelerator.device)

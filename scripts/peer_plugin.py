@@ -65,7 +65,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
             return loss_fn(out)
 
     def step(pixels, tokens):
-        loss, _, _ = mt.training_step(acc, pmodel, objective, opt, batch(pixels, tokens), None)
+        loss = mt.training_step(acc, pmodel, objective, opt, batch(pixels, tokens), None).loss
         model.clamp_logit_scale()
         return float(loss)
 

@@ -26,7 +26,8 @@ def test_debug_run_writes_model_metrics_and_logs(tmp_path, emoji_cache):
     assert (tmp_path / "final" / "preprocessor_config.json").is_file()
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
-    for key in ("val/image_to_text_R@1", "val/text_to_image_R@5", "train/steps", "zs/top1", "zs/mean_per_class_recall"):
+    for key in ("val/image_to_text_R@1", "val/text_to_image_R@5", "train/steps", "zs/top1", "zs/mean_per_class_recall",
+                "train/loss", "train/loss_pair"):
         assert key in saved
     best = json.loads((tmp_path / "best" / "mmcl_info.json").read_text())
     assert best["metric"] == "zs/top1" and best["step"] in (3, 6)
@@ -35,6 +36,7 @@ def test_debug_run_writes_model_metrics_and_logs(tmp_path, emoji_cache):
     assert [entry["step"] for entry in logs if "zs/top1" in entry] == [3, 6]  # every 3 steps, and the end
     trained = [entry for entry in logs if "train/loss" in entry]
     assert [entry["step"] for entry in trained] == [2, 4, 6]
+    assert saved["train/loss"] == trained[-1]["train/loss"] == trained[-1]["train/loss_pair"]  # the last window
     for key in ("train/lr", "train/temperature", "train/grad_norm", "train/samples_per_s"):
         assert key in trained[0]
     assert [p.name for p in checkpoints(tmp_path)] == ["step-00000003", "step-00000006"]

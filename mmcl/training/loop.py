@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -27,25 +27,35 @@ from ..towers.model import DualEncoder
 from . import checkpoint as ckpt
 from .launch import check_lost_process, full_value, is_sharded, peak_memory_mb, release_reducer, whole
 from .setup import Run, setup
-from .tracking import flatten, progress_bar
+from .tracking import Window, flatten, progress_bar
 
 
 class NonFiniteError(StopError):
     """`train.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
+class Step(NamedTuple):
+    """One micro-batch's outcome: its loss and named terms (detached), whether it ended an optimizer
+    step (the last micro-batch of an accumulation), and the gradient norm (None where the backend
+    gives none, or before the optimizer step)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    synced: bool
+    grad_norm: torch.Tensor | None
+
+
 def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-                  max_grad_norm: float | None) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
-    """One micro-batch; returns its loss, whether this was an optimizer step (the last
-    micro-batch of an accumulation), and the gradient norm (None where the backend gives none).
+                  max_grad_norm: float | None) -> Step:
+    """One micro-batch through `loss_fn` (the objective: `(model, batch) -> (loss, terms)`).
 
     A non-finite gradient norm (a NaN or Inf loss gives one) skips the update: the norm is of the
     gradients averaged over every process, so every process skips the same step. Under fp16 the
     gradient scaler's own step runs instead: it skips the update and lowers the scale."""
     grad_norm, synced = None, False
     with accelerator.accumulate(model):
-        loss = loss_fn(model, batch)  # the objective runs the prepared model: DDP's hooks live in its forward
+        loss, terms = loss_fn(model, batch)  # the objective runs the prepared model: DDP's hooks live in its forward
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             synced = True
@@ -53,7 +63,7 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, loss_fn: tor
         if not synced or finite(grad_norm) or accelerator.scaler is not None:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), synced, grad_norm
+    return Step(loss.detach(), terms, synced, grad_norm)
 
 
 def finite(value: torch.Tensor | float | None) -> bool:
@@ -75,6 +85,7 @@ class Trainer:
         if run.resumed is not None:
             run.retention.base = state.get("retention_base")
         self.bad_in_a_row = 0
+        self.logged: dict[str, float] = {}  # the last health line
         self.rows: list[int] = []  # the rows of the optimizer step being taken (named if it goes bad)
 
     def state(self) -> dict[str, Any]:
@@ -99,7 +110,7 @@ class Trainer:
     def unwrapped(self) -> DualEncoder:
         return self.accelerator.unwrap_model(self.model)
 
-    def training_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    def training_step(self, batch: dict[str, Any]) -> Step:
         self.run.skipped.add(batch.pop("skipped"))
         self.rows.extend(batch.pop("rows"))
         return training_step(self.accelerator, self.model, self.loss_fn, self.optimizer, batch, self.cfg.max_grad_norm)
@@ -182,44 +193,40 @@ class Trainer:
         acc.print(f"parameters: {trainable:,} of {total:,} train ({trainable / max(total, 1):.2%})")
         self.measure_retention_base()
         bar = progress_bar(tcfg, acc, initial=self.step)
-        window_loss, window_start, window_steps = torch.zeros((), device=acc.device), time.perf_counter(), 0
-        step_loss = torch.zeros((), device=acc.device)
-        start = time.perf_counter()
+        start, window, step_values = time.perf_counter(), Window(), {}
         batches = self.run.batches.after(self.step + self.bad_steps + self.overflow_steps)  # a skipped update read its batch too
         while self.step < tcfg.max_steps:
-            loss, synced, grad_norm = self.training_step(next(batches))
-            step_loss += loss.float() / tcfg.gradient_accumulation_steps  # no .item(): no device sync
-            if not synced:
+            step = self.training_step(next(batches))
+            for name, value in {"loss": step.loss, **step.terms}.items():  # no .item(): no device sync
+                step_values[name] = step_values.get(name, 0.0) + value.float() / tcfg.gradient_accumulation_steps
+            if not step.synced:
                 continue
-            step_total, step_loss = step_loss, torch.zeros((), device=acc.device)
+            values, step_values = step_values, {}
             rows, self.rows = self.rows, []
-            if not finite(grad_norm):
-                if self.scaler_overflow(step_total):
+            if not finite(step.grad_norm):
+                if self.scaler_overflow(values["loss"]):
                     self.overflow_steps += 1
                 else:
-                    self.skip_update(step_total, grad_norm, rows)
+                    self.skip_update(values["loss"], step.grad_norm, rows)
                 continue
-            window_loss += step_total
+            window.add(values)
             self.bad_in_a_row = 0
             with whole([self.unwrapped.logit_scale], modify=True):
                 self.unwrapped.clamp_logit_scale()
             self.scheduler.step()
             self.step += 1
-            window_steps += 1
             bar.update(1)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
-                elapsed = time.perf_counter() - window_start
-                logs = self.health(window_loss / window_steps, grad_norm, window_steps, elapsed)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in logs.items()})
-                acc.log(logs, step=self.step)
-                window_loss, window_steps = torch.zeros((), device=acc.device), 0
-                window_start = time.perf_counter()
+                self.logged = self.health(window, step.grad_norm)
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.logged.items()})
+                acc.log(self.logged, step=self.step)
+                window = Window()
+            paused = time.perf_counter()
             if self.step < tcfg.max_steps:
                 self.evaluate()
             if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
                 self.checkpoint()
-            if self.step % tcfg.log_every == 0:  # evaluation and checkpoint time is not training time
-                window_start = time.perf_counter()
+            window.exclude(time.perf_counter() - paused)  # evaluation and checkpoint time is not training time
         bar.close()
         return self.finish(time.perf_counter() - start)
 
@@ -250,15 +257,18 @@ class Trainer:
                              "batches with the same settings (a lower train.learning_rate is a new run, in another "
                              "train.output_dir)")
 
-    def health(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, steps: int, elapsed: float) -> dict[str, float]:
-        """Cheap signals logged every `log_every` steps, averaged over processes where it matters."""
+    def health(self, window: Window, grad_norm: torch.Tensor | None) -> dict[str, float]:
+        """Cheap signals logged every `log_every` steps: the loss and each of its terms (averaged over
+        the window's steps and over processes), learning rate, temperature, gradient norm, samples/s."""
         acc, tcfg = self.accelerator, self.cfg
-        loss = acc.reduce(loss.detach().clone(), reduction="mean").item()
-        samples = steps * tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * acc.num_processes
-        return {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0],
+        means = window.means()
+        averaged = acc.reduce(torch.stack(list(means.values())), reduction="mean").tolist()  # one collective
+        samples = window.steps * tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * acc.num_processes
+        return {**{f"train/{name}": value for name, value in zip(means, averaged)},
+                "train/lr": self.scheduler.get_last_lr()[0],
                 "train/temperature": math.exp(-full_value(self.unwrapped.logit_scale)),
                 "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                "train/samples_per_s": samples / max(elapsed, 1e-9)}
+                "train/samples_per_s": samples / max(window.seconds(), 1e-9)}
 
     def finish(self, wall_s: float) -> dict[str, float]:
         acc = self.accelerator
@@ -266,6 +276,7 @@ class Trainer:
         metrics = self.evaluate(final=True)
         skipped = ckpt.gather_skipped(self.run.skipped)
         trainable, total = self.params
+        metrics.update({k: v for k, v in self.logged.items() if k.startswith("train/loss")})  # the last window's
         metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s, "train/bad_steps": float(self.bad_steps),
                         "train/skipped_images": float(len(skipped.rows)), "train/trainable_params": float(trainable),
                         "train/params": float(total), "train/peak_memory_mb": peak_memory_mb(acc.device)})

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from tqdm.auto import tqdm
@@ -40,6 +42,30 @@ class JsonlTracker(GeneralTracker):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+class Window:
+    """One log window of the training loop: each optimizer step's loss and terms summed as device
+    tensors (no host sync per step), and the steps and seconds of training in it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.start, self.paused = 0, time.perf_counter(), 0.0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.steps += 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: total / max(self.steps, 1) for name, total in self.sums.items()}
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on work that is not training (an evaluation, a checkpoint)."""
+        self.paused += seconds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
 
 
 def build_trackers(report_to: str, output_dir: Path) -> list[Any]:

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from mmcl.cli import main
-from tests.conftest import DEBUG_CONFIG, REPO, one_thread
+from tests.conftest import DEBUG_CONFIG, REPO, free_port, one_thread
 
 
 def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer, loss_args=()):
@@ -25,18 +25,20 @@ def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer, loss_args=()):
             assert main(args) == 0
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "29533", "-m", "mmcl.cli", *args]
+               "--master_port", str(free_port()), "-m", "mmcl.cli", *args]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         errors = [line for line in (done.stdout + done.stderr).splitlines() if "Error" in line or "rank1" in line]
         assert done.returncode == 0, "\n".join(errors[-20:])
-    losses = [json.loads(line)["train/loss"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return losses, load_file(out / "final" / "model.safetensors")
+    logs = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return logs, load_file(out / "final" / "model.safetensors")
 
 
 LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature=0.1"),
-          # GradCache in chunks of 5 (1 process: 7 chunks; 2 processes: 4 each) with a momentum queue
-          "clip-cache-queue": ("--loss.cache_chunk=5", "--loss.queue_size=40", "--loss.momentum=0.9"),
+          # GradCache in chunks of 5 (1 process: 7 chunks; 2 processes: 4 each) with a momentum queue and
+          # SLIP's views carried through the cache
+          "clip-cache-queue-slip": ("--loss.cache_chunk=5", "--loss.queue_size=40", "--loss.momentum=0.9",
+                                    "--loss.image_ssl_weight=0.5"),
           # each row's 2 hard-negative captions, a queue of the model's own embeddings, SLIP's term
           "siglip-negatives-queue-slip": ("--loss.name=siglip", "--model.init_temperature=0.1", "--loss.queue_size=24",
                                           "--loss.momentum=0", "--loss.hard_negative_column=hard_negatives",
@@ -69,11 +71,15 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cac
 
     tokenizer = tmp_path / "tokenizer"
     train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)
-    single_loss, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
-    multi_loss, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
-    assert len(single_loss) == len(multi_loss) == 2
-    for a, b in zip(single_loss, multi_loss):
-        assert abs(a - b) < 1e-5, (single_loss, multi_loss)
+    single_logs, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
+    multi_logs, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
+    terms = ["train/loss", "train/loss_pair", *(["train/loss_image_ssl"] if "slip" in loss else [])]
+    assert len(single_logs) == len(multi_logs) == 2
+    for a, b in zip(single_logs, multi_logs):
+        assert [k for k in a if k.startswith("train/loss")] == terms  # each term logged apart
+        for key in terms:
+            assert abs(a[key] - b[key]) < 1e-5, (key, single_logs, multi_logs)
+        assert abs(a["train/loss"] - sum(a[k] for k in terms[1:])) < 1e-5
     for name in single:
         assert (single[name] - multi[name]).abs().max().item() < 1e-5, name
     assert "logit_scale" in single

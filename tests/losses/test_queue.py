@@ -57,14 +57,15 @@ def test_second_step_sees_the_first_steps_momentum_embeddings():
                                       for k, v in global_batch(6).items()}
     inputs = ("input_ids", "attention_mask", "pixel_values")
     out = model(**{k: first[k] for k in inputs})
-    assert objective(model, dict(first)).item() == ClipLoss()(out, first["image_ids"], first["text_ids"]).item()
+    assert objective(model, dict(first))[0].item() == ClipLoss()(out, first["image_ids"], first["text_ids"]).item()
     with torch.no_grad():
         for p in model.parameters():  # an optimizer step
             p.add_(0.01 * torch.randn_like(p))
         keys = key_model(**{k: first[k] for k in inputs})  # the copy had not moved before step 1
         for mine, theirs in zip(key_model.parameters(), model.parameters()):
             mine.copy_(0.9 * mine + 0.1 * theirs)  # what it holds for step 2
-    got = objective(model, dict(second))
+    got, terms = objective(model, dict(second))
+    assert terms["loss_pair"].item() == got.item()  # the only term
     out = model(**{k: second[k] for k in inputs})
     negatives = Negatives(texts=keys.text_embeds, images=keys.image_embeds, image_ids=first["image_ids"],
                           text_ids=first["text_ids"])
