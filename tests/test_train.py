@@ -1,7 +1,10 @@
 """End-to-end training on the built-in emoji data: outputs, exact resume, safe checkpoints."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from safetensors.torch import load_file
@@ -10,7 +13,7 @@ from mmcl.artifacts import STATE_NAME
 from mmcl.training.checkpoint import checkpoints, resolve_resume
 from mmcl.config_loader import load_config
 from mmcl.training.loop import train
-from tests.conftest import DEBUG_CONFIG
+from tests.conftest import DEBUG_CONFIG, REPO, one_thread
 
 
 def debug_config(tmp_path, emoji_cache, *overrides):
@@ -42,50 +45,81 @@ def test_debug_run_writes_model_metrics_and_logs(tmp_path, emoji_cache):
     assert [p.name for p in checkpoints(tmp_path)] == ["step-00000003", "step-00000006"]
 
 
-# 6 optimizer steps an epoch: the step-3 checkpoint is mid-epoch, where a resume once drew the RNG off
-DROPOUT = ("--model.text_config.hidden_dropout_prob=0.1", "--model.vision_config.hidden_dropout_prob=0.1",
-           "--train.gradient_accumulation_steps=1")
+# Each case: the option's overrides, and the batch geometry it runs with. 96 rows / batch 16 = 6
+# micro-batches an epoch: with 2-step accumulation 3 optimizer steps an epoch, so the step-3
+# resume starts a new epoch's shuffled order; without accumulation the step-3 checkpoint is
+# mid-epoch, where a resume once drew the RNG off (dropout) and must re-draw each view (augment).
+NO_ACCUMULATION = ("--train.gradient_accumulation_steps=1",)
+RESUME_CASES = {
+    "clip": ((), ()),
+    "queue": (("--loss.queue_size=40", "--loss.momentum=0.9"), ()),
+    "cluster-sampler": (("cluster",), ()),
+    "dropout": (("--model.text_config.hidden_dropout_prob=0.1", "--model.vision_config.hidden_dropout_prob=0.1"),
+                NO_ACCUMULATION),
+    # every augmentation option on: each view is drawn from (seed, epoch, row)
+    "augment": (("--data.augment=strong", "--data.augment_options={flip: true, scale: [0.5, 1.0], jitter: 0.3, "
+                 "saturation: 0.3, blur: 0.3}"), NO_ACCUMULATION),
+}
 
 
-# every augmentation option on, resumed mid-epoch: each view is drawn from (seed, epoch, row)
-AUGMENT = ("--data.augment=strong", "--data.augment_options={flip: true, scale: [0.5, 1.0], jitter: 0.3, saturation: 0.3, "
-           "blur: 0.3}", "--train.gradient_accumulation_steps=1")
+def weights(folder):
+    return load_file(folder / "final" / "model.safetensors")
 
 
-@pytest.mark.parametrize("loss", [(), ("--loss.queue_size=40", "--loss.momentum=0.9"), ("cluster",), DROPOUT, AUGMENT],
-                         ids=["clip", "queue", "cluster-sampler", "dropout", "augment"])
-def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji, loss):
-    """6 steps, a fresh process resuming from the step-3 checkpoint, 3 more: the same weights as
-    6 uninterrupted steps. 96 rows / batch 16 = 6 steps an epoch with 2-step accumulation: 3
-    optimizer steps an epoch, so the resume starts a new epoch's shuffled order mid-run. With
-    dropout (and no accumulation: a resume mid-epoch) the RNG goes on from the checkpoint's state."""
-    if loss == ("cluster",):  # batches from k-means clusters of a (tiny, random) model's image embeddings
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def resume_through_the_cli(out, emoji_cache, *overrides):
+    """A fresh process, as a user resumes: `python -m mmcl.cli train ... --train.resume=latest`."""
+    cmd = [sys.executable, "-m", "mmcl.cli", "train", str(DEBUG_CONFIG), f"--train.output_dir={out}",
+           f"--data.cache_dir={emoji_cache}", "--train.progress_bar=false", "--hub.export=false", *overrides,
+           "--train.resume=latest"]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji, small_tokenizer, case):
+    """6 steps in this process; a fresh process resuming from the step-3 checkpoint through the CLI,
+    3 more: the same weights as 6 uninterrupted steps. The option must have been in effect: the
+    same run without it ends elsewhere."""
+    option, geometry = RESUME_CASES[case]
+    if option == ("cluster",):  # batches from k-means clusters of a (tiny, random) model's image embeddings
         from tests.conftest import save_tiny_model
 
         model = save_tiny_model(tmp_path / "cluster_model", "a b c")
-        loss = ("--data.batch_sampler=cluster", f"--data.cluster_model={model}", "--data.num_clusters=6")
+        option = ("--data.batch_sampler=cluster", f"--data.cluster_model={model}", "--data.num_clusters=6")
     common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=6",
               "--train.checkpoint_every=3", "--train.gradient_accumulation_steps=2",
-              "--train.per_device_batch_size=16", "--train.keep_last=0", *loss]
+              "--train.per_device_batch_size=16", "--train.keep_last=0", f"--model.tokenizer={small_tokenizer}",
+              *geometry]
     full = tmp_path / "full"
-    train(debug_config(full, emoji_cache, *common))
+    with one_thread():  # the same kernels as the one-thread resuming process
+        train(debug_config(full, emoji_cache, *common, *option))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(full / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
     shutil.copytree(full / "processor", resumed / "processor")
-    train(debug_config(resumed, emoji_cache, *common, "--train.resume=latest"))
-    a = load_file(full / "final" / "model.safetensors")
-    b = load_file(resumed / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert (a[name] - b[name]).abs().max().item() < 1e-6, name
+    said = resume_through_the_cli(resumed, emoji_cache, *common, *option)
+    assert f"resumed from {resumed / 'checkpoints' / 'step-00000003'} at step 3" in said
+    a = weights(full)
+    assert max_difference(a, weights(resumed)) < 1e-6
+    if option:
+        with one_thread():
+            train(debug_config(tmp_path / "off", emoji_cache, *common))
+        assert max_difference(a, weights(tmp_path / "off")) > 1e-4, f"{case} changed nothing"
     # a resume that would read other examples than the interrupted run is refused
     shutil.rmtree(resumed / "checkpoints" / "step-00000006")
     with pytest.raises(ValueError, match="per_device_batch_size=16.*now per_device_batch_size=8"):
-        train(debug_config(resumed, emoji_cache, *common, "--train.resume=latest", "--train.per_device_batch_size=8"))
+        train(debug_config(resumed, emoji_cache, *common, *option, "--train.resume=latest",
+                           "--train.per_device_batch_size=8"))
     # and the run did move: step 3 differs from the end
     mid = load_file(full / "checkpoints" / "step-00000003" / "model.safetensors")
-    assert any((mid[n] - a[n]).abs().max() > 1e-4 for n in a)
+    assert max_difference(mid, a) > 1e-4
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):
@@ -137,11 +171,35 @@ def plain_run(tmp_path_factory, emoji_cache, small_emoji, small_tokenizer):
     return root, common
 
 
+def spy(monkeypatch, owner, name, calls):
+    """Count the calls of `owner.name` (still calling it)."""
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+
+
 @pytest.mark.parametrize("option", SPEED_OPTIONS)
-def test_speed_options_take_the_same_steps(plain_run, emoji_cache, option):
+def test_speed_options_take_the_same_steps(plain_run, emoji_cache, option, monkeypatch):
+    import importlib
+
+    from transformers import modeling_utils
+    from transformers.models.bert import modeling_bert
+    from transformers.models.vit import modeling_vit
+
     root, common = plain_run
     overrides, tolerance = SPEED_OPTIONS[option]
+    calls = {}
+    for owner, name in ((modeling_bert, "eager_attention_forward"), (modeling_vit, "eager_attention_forward"),
+                        (importlib.import_module("torch.optim.adam"), "_fused_adam"), (modeling_utils, "checkpoint")):
+        spy(monkeypatch, owner, name, calls)
     train(debug_config(root / option, emoji_cache, *common, *overrides))
+    # the option was in effect: its kernel ran (the plain run uses sdpa, foreach AdamW, no checkpointing)
+    expected = {"eager-attention": "eager_attention_forward", "fused-adamw": "_fused_adam"}.get(option, "checkpoint")
+    assert calls.get(expected, 0) > 0 and set(calls) == {expected}, calls
     a = load_file(root / "plain" / "final" / "model.safetensors")
     b = load_file(root / option / "final" / "model.safetensors")
     assert a.keys() == b.keys()

@@ -20,7 +20,7 @@ from mmcl.towers.model import DualEncoderOutput, Encoder
 from mmcl.towers.build import train_wordpiece
 from mmcl.config import ModelConfig
 from mmcl.towers.build import build_image_processor
-from tests.conftest import REPO, save_tiny_model
+from tests.conftest import REPO, free_port, save_tiny_model
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
           "cyan": (0, 255, 255), "magenta": (255, 0, 255)}
@@ -121,7 +121,7 @@ def test_one_and_two_processes_give_identical_metrics(tmp_path, emoji_cache):
         base = ["mmcl.cli", "eval", str(model_dir), "--dataset", "builtin:emoji", "--task", "zero_shot",
                 "--label-column", "name", "--max-samples", "37", "--batch-size", "8", "--cache-dir", emoji_cache,
                 "--output", str(out)]
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"] if nproc == 2 else []
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())] if nproc == 2 else []
         done = subprocess.run([sys.executable, *launcher, "-m", *base], cwd=REPO, capture_output=True, text=True,
                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-2000:]

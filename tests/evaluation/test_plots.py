@@ -20,11 +20,15 @@ def drawn(path):
         return image.size, len(image.convert("RGB").getcolors(maxcolors=2**24))
 
 
-def test_plot_draws_the_curves_and_metrics_of_a_run(tmp_path, emoji_cache, small_emoji, capsys):
+def test_plot_draws_the_curves_and_metrics_of_a_run(tmp_path, emoji_cache, small_emoji, capsys, monkeypatch):
     zs = "{zs: {task: zero_shot, dataset: 'builtin:emoji', label_column: name, max_samples: 40, every: 2, " \
          f"confusion_matrix: '{tmp_path}/confusion.png'}}}}"
     train(debug_config(tmp_path / "run", emoji_cache, f"--data.train={small_emoji}", f"--eval.sets={zs}",
                        "--train.log_every=1", "--train.eval_every=2"))
+    import mmcl.evaluation.plots as plots
+
+    figures, save = [], plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path, plt: (figures.append(fig), save(fig, path, plt)))
     assert main(["plot", str(tmp_path / "run")]) == 0
     assert f"{tmp_path / 'run' / 'training_curves.png'}" in capsys.readouterr().out
     (width, height), colours = drawn(tmp_path / "run" / "training_curves.png")
@@ -35,6 +39,22 @@ def test_plot_draws_the_curves_and_metrics_of_a_run(tmp_path, emoji_cache, small
     assert set(groups["val ranks"]) == {f"val/{d}_{s}_rank" for d in ("image_to_text", "text_to_image")
                                         for s in ("mean", "median")}
     assert set(groups["zs"]) == {"zs/top1", "zs/top5", "zs/mean_per_class_recall"}  # no sizes (zs/classes)
+    # every plotted line is the log's values of its metric, step for step
+    logged = {}
+    for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        for key, value in entry.items():
+            if key != "step":
+                logged.setdefault(key, []).append((entry["step"], value))
+    (figure,) = figures
+    lines = {(ax.get_title(), ln.get_label()): ln for ax in figure.axes for ln in ax.get_lines()}
+    assert len(lines) == sum(len(names) for names in groups.values()) > 10
+    for panel, names in groups.items():
+        for name in names:
+            ln = lines[(panel, name.split("/", 1)[-1])]
+            steps, values = zip(*logged[name])
+            assert list(ln.get_xdata()) == list(steps) and list(ln.get_ydata()) == pytest.approx(values), name
+    assert len(logged["train/loss"]) == 6 and len(logged["zs/top1"]) == 3  # steps 1..6; 2, 4, 6
     (width, height), colours = drawn(tmp_path / "confusion.png")
     assert width >= 500 and colours > 50
 
