@@ -49,13 +49,27 @@ LOCK_NAME = ".mmcl-run.lock"  # held by the run writing the folder: its pid, hos
 
 # --- atomic folders --------------------------------------------------------------------------------
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished `tmp` to `final`; an older `final` is removed only afterwards."""
+    """Move the finished `tmp` to `final`; an older `final` is removed only afterwards (set aside as
+    `.old-<name>` between the two renames: `restore_aside` puts it back after a crash there)."""
+    restore_aside(final)
     old = final.with_name(f".old-{final.name}")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_aside(final: Path) -> None:
+    """After a crash inside `replace_dir`: a `final` set aside and not yet replaced is put back (it is
+    the last complete one); one that was replaced loses its leftover old copy."""
+    old = final.with_name(f".old-{final.name}")
+    if not old.exists():
+        return
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, final)
 
 
 def staging_dir(final: Path, unique: bool = False) -> Path:

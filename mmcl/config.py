@@ -57,7 +57,7 @@ class ModelConfig:
     text_config: dict[str, Any] = option(help="random-init text tower config, with model_type", factory=dict)
     vision_model: str | None = option(None, "vision tower: a folder, a Hub id, pkg:NAME/dir or backbone:NAME")
     vision_config: dict[str, Any] = option(help="random-init vision tower config, with model_type", factory=dict)
-    init_from: str | None = option(None, "start from a CLIPModel, VisionTextDualEncoderModel or mmcl folder")
+    init_from: str | None = option(None, "start from a CLIPModel, SiglipModel, VisionTextDualEncoderModel or mmcl folder")
     # With a random-init text tower and no tokenizer, a WordPiece tokenizer of
     # `tokenizer_vocab_size` is trained on the training captions (seconds).
     tokenizer: str | None = option(None, "tokenizer folder / Hub id; empty: the text tower's own")
@@ -160,6 +160,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """The loop: batch, steps, optimizer and schedule, precision, logging, evaluation cadence,
+    checkpoints and resume."""
+
     output_dir: str = option("runs/quickstart", "where checkpoints, logs, the final model and metrics go")
     seed: int = option(42, "seeds weights, data order and augmentation")
     per_device_batch_size: int = option(64, "pairs per process per micro-batch; the global batch is x processes")
@@ -236,6 +239,8 @@ class EvalSpec(SourceSpec):
 
 @dataclass
 class EvalConfig:
+    """Evaluation during and after training: the named sets, retrieval's k, the best model, retention."""
+
     batch_size: int = option(256, "evaluation batch size")
     retrieval_ks: list[int] = option(help="the k of each R@k", factory=lambda: [1, 5, 10])
     chunk_size: int = option(1024, "retrieval scores this many queries at once: memory O(chunk x N)")
@@ -268,6 +273,8 @@ class HubConfig:
 
 @dataclass
 class Config:
+    """A whole run: one section per concern."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

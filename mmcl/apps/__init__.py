@@ -1,1 +1,2 @@
-"""Applications of a trained model: zero-shot predict, embed, search (`apps.predict`)."""
+"""Applications of a trained model: zero-shot predict, embed and search (`predict`), the local web
+demo (`demo`), and WiSE-FT's weight-space mix of a pretrained and a fine-tuned model (`wise_ft`)."""

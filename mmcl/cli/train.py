@@ -21,6 +21,31 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def config_markdown() -> str:
+    """docs/configuration.md: every config key by section, with its type, default and meaning
+    (written by scripts/config_docs.py; tests/test_docs.py checks it is current)."""
+    from ..config import Config, EvalSpec, LoraSpec
+
+    lines = ["# Configuration", "", "Every key of a config file (`configs/*.yaml`), generated from the typed dataclasses "
+             "in `mmcl/config.py` by `python scripts/config_docs.py`. On the command line any key is "
+             "`--section.key=value`; `mmcl train --help` prints the same list.", ""]
+    sections = [(f.name, f.type) for f in dataclasses.fields(Config)]
+    hints = typing.get_type_hints(Config)
+    named = [("model.lora.<tower>", LoraSpec), ("eval.sets.<name>", EvalSpec)]
+    for title, cls in [(name, hints[name]) for name, _ in sections] + named:
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        lines += [f"## `{title}`", ""]
+        if doc and not doc.startswith(cls.__name__ + "("):
+            lines += [" ".join(doc.split()), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, kind, help_text in describe(cls, "" if "<" in title else f"{title}."):
+            kind, _, default = kind.partition(" = ")
+            cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+            lines.append(f"| `{key}` | {cell(kind)} | `{cell(default)}` | {cell(help_text)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, type and default, help) of every field, sections recursively: for --help."""
     rows = []

@@ -1,4 +1,5 @@
-"""Contrastive losses.
+"""Contrastive losses, the third stage (`clip`, `siglip`, `symmetric`, `negatives`, `distributed`,
+`queue`, `ssl`, `cache` for GradCache, `objective` for what the loop calls).
 
 `build_loss(cfg)` gives the pair loss `loss.name` selects; it is called with the model's
 `DualEncoderOutput` (unit-norm embeddings, logit_scale, logit_bias), optional pair ids

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ..artifacts import LOG_NAME, LOGS_DIR, PROCESSOR_DIR, RunLock, scrub_secrets
+from ..artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, PROCESSOR_DIR, RunLock, restore_aside, scrub_secrets
 from ..config import Config, ConfigError, EvalSpec, LossConfig, ModelConfig, TrainConfig
 from ..data.loader import TrainBatches, build_stream, build_train_loader, load_train_dataset, train_captions
 from ..data.pairs import PairCollator, PairRecipe, SkipCounter
@@ -63,6 +63,9 @@ def setup(config: Config, lock: RunLock) -> Run:
     # 1. accelerator and output folder (the lock is taken for every process)
     acc = build_accelerator(t, build_trackers(t.report_to, output_dir))
     claim_output_dir(lock, acc)
+    if acc.is_main_process:  # a run killed while replacing its best or final model left it set aside
+        for name in (BEST_DIR, FINAL_DIR):
+            restore_aside(output_dir / name)
     check_sharding(config.model, config.loss, acc)
     set_seed(t.seed)
     resume_dir = ckpt.resolve_resume(t.resume, output_dir)

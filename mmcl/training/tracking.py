@@ -35,6 +35,7 @@ class JsonlTracker(GeneralTracker):
 
     def store_init_configuration(self, values: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_line(self.path)  # a run killed while appending; the resumed run appends after it
         with open(self.path.with_name("config.json"), "w", encoding="utf-8") as f:
             json.dump(values, f, indent=2, default=str)
 
@@ -66,6 +67,18 @@ class Window:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.paused
+
+
+def drop_torn_line(path: Path) -> None:
+    """Cut an unfinished last line (a process killed inside an append) off a JSON-lines file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 def build_trackers(report_to: str, output_dir: Path) -> list[Any]:

@@ -1,8 +1,10 @@
-"""Killed at any moment: a training run, a subprocess, is killed with SIGKILL 10 times at moments
-drawn at random (seeded) from three kinds: inside a step, inside a checkpoint save, inside an
-evaluation (tests/faults/kill_at.py). Each time `--train.resume=latest` must start from the newest
-complete checkpoint, never a partial one; the run that finishes must hold the parameters of an
-uninterrupted run."""
+"""Killed at any moment: a training run, a subprocess, is killed with SIGKILL 13 times at moments
+drawn at random (seeded) from seven kinds (tests/faults/kill_at.py): inside a step, a checkpoint
+save, an evaluation, a file's write (half a weights or optimizer file), just before a rename (of a
+checkpoint, or between setting a best model aside and moving the new one in), a log append (half a
+line), a model folder's write. Each time `--train.resume=latest` must start from the newest complete
+checkpoint, never a partial one; the run that finishes must hold the parameters of an uninterrupted
+run, a log every reader parses, and its best model."""
 
 import os
 import random
@@ -11,15 +13,16 @@ import sys
 
 from safetensors.torch import load_file
 
+from mmcl.evaluation.plots import read_log
 from mmcl.training.checkpoint import checkpoints
 from mmcl.training.loop import train
 from tests.conftest import DEBUG_CONFIG, REPO, one_thread
 from tests.test_train import debug_config
 
-KILLS = 10
+KINDS = ["step"] * 2 + ["checkpoint"] * 2 + ["eval"] * 2 + ["write"] * 2 + ["rename"] * 2 + ["log"] * 2 + ["model"]
 LAUNCH_BOUND_S = 180  # one launch: start-up, a few steps and checkpoints, an evaluation
 # A launch gets at most 8 steps further (killed at its 3rd evaluation, every 3 steps, after the
-# checkpoint of step 8): 48 steps leave room for all 10 kills.
+# checkpoint of step 8): 120 steps leave room for all 13 kills.
 
 
 def launch(out, args, phase=None, at=0):
@@ -29,17 +32,18 @@ def launch(out, args, phase=None, at=0):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_BOUND_S)
 
 
-def test_killed_ten_times_at_random_moments_the_run_resumes_to_the_uninterrupted_weights(
+def test_killed_thirteen_times_at_random_moments_the_run_resumes_to_the_uninterrupted_weights(
         tmp_path, emoji_cache, small_emoji, small_tokenizer):
     args = [f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", f"--data.validation={small_emoji}",
-            "--data.max_validation_samples=32", f"--model.tokenizer={small_tokenizer}", "--train.max_steps=48",
-            "--train.checkpoint_every=2", "--train.eval_every=3", "--train.keep_last=0", "--train.log_every=1"]
+            "--data.max_validation_samples=32", f"--model.tokenizer={small_tokenizer}", "--train.max_steps=120",
+            "--train.checkpoint_every=2", "--train.eval_every=3", "--train.keep_last=0", "--train.log_every=1",
+            "--eval.best_metric=val/image_to_text_R@5"]
     with one_thread():  # uninterrupted, in this process, with the threads of the killed launches
         train(debug_config(tmp_path / "whole", emoji_cache, *args))
 
     out = tmp_path / "killed"
     rng = random.Random(12)
-    moments = [(phase, rng.randint(1, 3)) for phase in rng.sample(["step"] * 4 + ["checkpoint"] * 3 + ["eval"] * 3, 10)]
+    moments = [(phase, rng.randint(1, 4)) for phase in rng.sample(KINDS, len(KINDS))]
     expected = None  # the checkpoint the next launch must resume from
     report = []
     for phase, at in [*moments, (None, 0)]:
@@ -65,3 +69,6 @@ def test_killed_ten_times_at_random_moments_the_run_resumes_to_the_uninterrupted
     worst = max((a[n] - b[n]).abs().max().item() for n in a)
     print("max |difference| killed-uninterrupted", worst)
     assert worst < 1e-6
+    # the log survived its torn lines: every step logged, each reader parses it; the best model is there
+    assert [step for step, _ in read_log(out)["train/loss"]] == list(range(1, 121))
+    assert (out / "best" / "model.safetensors").is_file() and not list(out.glob(".old-*"))

@@ -38,16 +38,19 @@ def tiny_model(dropout: float, bias: float | None, ssl_dim: int | None = None) -
                                          image_ssl_dim=ssl_dim))
 
 
-def global_batch(n: int) -> dict[str, torch.Tensor]:
+def global_batch(n: int, views: bool = False) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(2, 9, (n,), generator=g)
-    return {"input_ids": torch.randint(5, 100, (n, 9), generator=g),
-            "attention_mask": (torch.arange(9)[None, :] < lengths[:, None]).long(),
-            "pixel_values": torch.randn(n, 3, 16, 16, generator=g),
-            # rows 0 and 1 show the same image: twins, masked by the loss
-            "image_ids": torch.tensor([7, 7] + list(range(100, 100 + n - 2))),
-            "text_ids": torch.arange(n) + 1000,
-            "view_pixel_values": torch.randn(2 * n, 3, 16, 16, generator=g)}  # rows 2i, 2i + 1: image i's views
+    batch = {"input_ids": torch.randint(5, 100, (n, 9), generator=g),
+             "attention_mask": (torch.arange(9)[None, :] < lengths[:, None]).long(),
+             "pixel_values": torch.randn(n, 3, 16, 16, generator=g),
+             # rows 0 and 1 show the same image: twins, masked by the loss
+             "image_ids": torch.tensor([7, 7] + list(range(100, 100 + n - 2))),
+             "text_ids": torch.arange(n) + 1000,
+             "view_pixel_values": torch.randn(2 * n, 3, 16, 16, generator=g)}  # rows 2i, 2i + 1: image i's views
+    if not views:
+        del batch["view_pixel_values"]
+    return batch
 
 
 def sgd_step(model: torch.nn.Module) -> None:
@@ -65,7 +68,7 @@ def main() -> None:
     acc = Accelerator(cpu=True)
     rank, world = acc.process_index, acc.num_processes
     local = batch_size // world
-    full = global_batch(batch_size)
+    full = global_batch(batch_size, views=True)
     mine = {k: v[rank * local * (2 if k == "view_pixel_values" else 1):(rank + 1) * local * (2 if k == "view_pixel_values" else 1)]
             for k, v in full.items()}
     if not slip:
