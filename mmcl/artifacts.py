@@ -47,6 +47,11 @@ LOG_NAME = "metrics.jsonl"
 LOCK_NAME = ".mmcl-run.lock"  # held by the run writing the folder: its pid, host and start
 
 
+def default_cache_dir() -> Path:
+    """Where mmcl caches what it builds (the built-in datasets, trained tokenizers): ~/.cache/mmcl."""
+    return Path.home() / ".cache" / "mmcl"
+
+
 # --- atomic folders --------------------------------------------------------------------------------
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished `tmp` to `final`; an older `final` is removed only afterwards (set aside as

@@ -58,7 +58,7 @@ class ModelConfig:
     vision_model: str | None = option(None, "vision tower: a folder, a Hub id, pkg:NAME/dir or backbone:NAME")
     vision_config: dict[str, Any] = option(help="random-init vision tower config, with model_type", factory=dict)
     init_from: str | None = option(None, "start from a CLIPModel, SiglipModel, VisionTextDualEncoderModel or mmcl folder")
-    # With a random-init text tower and no tokenizer, a WordPiece tokenizer of
+    # With a random-init text tower and no tokenizer, a byte-level BPE tokenizer of
     # `tokenizer_vocab_size` is trained on the training captions (seconds).
     tokenizer: str | None = option(None, "tokenizer folder / Hub id; empty: the text tower's own")
     tokenizer_vocab_size: int = option(4000, "vocabulary of the tokenizer trained for a random-init text tower")
@@ -89,8 +89,8 @@ class ModelConfig:
                 "attention outputs and recomputes only norms, activations, casts and sums (less memory saved, "
                 "little time lost)")
     attn_implementation: str | None = option(
-        None, "attention kernel of both towers (transformers' attn_implementation): sdpa | eager | ...; empty: the "
-              "tower's default (sdpa). On CPU under bf16, eager took half the step time of sdpa (scripts/bench_train.py)")
+        "auto", "attention kernel of both towers (transformers' attn_implementation): auto | sdpa | eager | ...; "
+                "auto: eager on CPU under bf16 (half the step time of SDPA there), else SDPA (mmcl/training/auto.py)")
     trust_remote_code: bool = option(False, "let transformers run code shipped with a Hub model")
 
     def vision_backbone(self) -> str | None:
@@ -136,7 +136,8 @@ class DataConfig:
                                               "one); only regular files are read, never pipes or devices")
     streaming: bool = option(False, "stream `train` (WebDataset shards, a Hub dataset, parquet/jsonl)")
     shuffle_buffer: int = option(1000, "streaming: examples in the shuffle buffer")
-    cache_dir: str | None = option(None, "where built-in datasets are cached; default ~/.cache/mmcl")
+    cache_dir: str | None = option(None, "where built-in datasets and tokenizers trained on captions are cached; "
+                                         "default ~/.cache/mmcl")
     emoji_image_size: int = option(64, "side of the built-in emoji images, in pixels")
     max_validation_samples: int | None = option(None, "evaluate 'val' on at most this many rows")
     augment: Literal["none", "light", "strong"] = option(
@@ -177,9 +178,14 @@ class TrainConfig:
     warmup_steps: int = option(100, "linear warmup steps")
     lr_scheduler: Literal["cosine", "constant"] = option("cosine", "after warmup")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm; null: no clipping")
-    optim: Literal["adamw_torch", "adamw_torch_fused"] = option(
-        "adamw_torch", "AdamW as torch's multi-tensor (foreach) or fused kernel: the same update")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "autocast precision")
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused"] = option(
+        "auto", "AdamW as torch's multi-tensor (foreach) or fused kernel: the same update; auto: fused, except with "
+                "sharded parameters")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "auto", "autocast precision; auto: bf16 where the device has bf16 arithmetic (AVX512-BF16 or AMX CPUs, "
+                "Ampere+ GPUs), else no (fp32)")
+    deterministic: bool = option(False, "torch's deterministic algorithms (GPU runs repeat bit for bit, slower: "
+                                        "docs/training.md); CPU runs with the same seed repeat without it")
     log_every: int = option(10, "log loss, lr, temperature, grad norm, samples/s every N steps")
     eval_every: int = option(200, "evaluate 'val' every N steps; 0: only at the end")
     checkpoint_every: int = option(200, "checkpoint every N steps; 0: none in between")

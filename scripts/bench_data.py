@@ -39,13 +39,13 @@ def write_images(folder: Path, n: int, size: int) -> list[Path]:
 def run_mmcl(folder: Path, processor, workers: int, batch: int) -> float:
     import torch
 
-    from mmcl.towers.build import train_wordpiece
+    from mmcl.towers.build import train_tokenizer
     from mmcl.config import SourceSpec
     from mmcl.data.pairs import PairCollator, PairDataset, PairRecipe
     from mmcl.data.sources import load_pairs
 
     ds = load_pairs(SourceSpec(str(folder)))
-    tokenizer = train_wordpiece(["image number 0 1 2 3 4 5 6 7 8 9"], 100)
+    tokenizer = train_tokenizer(["image number 0 1 2 3 4 5 6 7 8 9"], 100)
     loader = torch.utils.data.DataLoader(PairDataset(ds, "image", "caption", PairRecipe(processor)), batch_size=batch,
                                          num_workers=workers, collate_fn=PairCollator(tokenizer, 16))
     start, count = time.perf_counter(), 0

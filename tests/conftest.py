@@ -37,31 +37,30 @@ def small_emoji(emoji_cache, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def small_tokenizer(small_emoji, tmp_path_factory) -> Path:
-    """One WordPiece tokenizer of `small_emoji`'s captions for runs that are compared: each run
-    training its own may break ties differently (another vocabulary)."""
+    """One tokenizer of `small_emoji`'s captions, trained once for the runs that share it."""
     from datasets import load_from_disk
 
-    from mmcl.towers.build import train_wordpiece
+    from mmcl.towers.build import train_tokenizer
     from mmcl.data.pairs import iter_captions
 
-    path = tmp_path_factory.mktemp("tokenizer") / "wordpiece500"
-    train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(path)
+    path = tmp_path_factory.mktemp("tokenizer") / "bpe500"
+    train_tokenizer(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(path)
     return path
 
 
 def save_tiny_model(folder: Path, words: str, vocab_size: int = 120) -> Path:
     """A random tiny mmcl model folder (BERT + ViT towers of tests/test_model.py, 16 px images),
-    with a WordPiece tokenizer trained on `words` and an image processor beside it."""
+    with a tokenizer trained on `words` and an image processor beside it."""
     import torch
 
-    from mmcl.towers.build import build_image_processor, train_wordpiece
+    from mmcl.towers.build import build_image_processor, train_tokenizer
     from mmcl.config import ModelConfig
     from mmcl.towers.model import DualEncoder, DualEncoderConfig
     from tests.test_model import TEXT, VISION
 
     torch.manual_seed(0)
     DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=vocab_size), VISION, projection_dim=8)).save_pretrained(folder)
-    train_wordpiece([words] * 5, vocab_size).save_pretrained(folder)
+    train_tokenizer([words] * 5, vocab_size).save_pretrained(folder)
     build_image_processor(ModelConfig(image_size=16)).save_pretrained(folder)
     return folder
 

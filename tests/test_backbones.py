@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from mmcl.towers.backbones import BACKBONES, Backbone, BackboneConfig, BackboneTower, pretrained_tower
-from mmcl.towers.build import build_image_processor, build_model, fit_text_config, train_wordpiece
+from mmcl.towers.build import build_image_processor, build_model, fit_text_config, train_tokenizer
 from mmcl.training.checkpoint import save_final
 from mmcl.config import Config, ConfigError, ModelConfig
 from mmcl.config_loader import load_config
@@ -44,7 +44,7 @@ TINY_CONFIG = {"model_type": "mmcl_backbone", "backbone": "tests.test_backbones:
 
 def _folder(tmp_path, vision: dict | None = None, vision_model: str | None = None, image_size: int = 20):
     """A trained-model folder as `save_final` writes it: a tiny BERT + the given vision tower."""
-    tokenizer = train_wordpiece(CAPTIONS, vocab_size=120)
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=120)
     cfg = ModelConfig(text_config=dict(BERT), vision_config=dict(vision or {}), vision_model=vision_model,
                       projection_dim=8, image_size=image_size, text_pooling="mean", vision_pooling="pooler",
                       max_text_length=16)

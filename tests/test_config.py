@@ -26,7 +26,7 @@ def test_unknown_key_names_the_nearest():
 @pytest.mark.parametrize("override, message", [
     ("--train.max_steps=ten", "'train.max_steps' must be int"),
     ("--train.max_steps=true", "'train.max_steps' must be int"),
-    ("--train.mixed_precision=fp8", "choose one of no, bf16, fp16"),
+    ("--train.mixed_precision=fp8", "choose one of auto, no, bf16, fp16"),
     ("--eval.retrieval_ks=[1, x]", r"'eval.retrieval_ks\[1\]' must be int"),
 ])
 def test_wrong_type_is_an_error(override, message):

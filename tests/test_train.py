@@ -166,7 +166,7 @@ def plain_run(tmp_path_factory, emoji_cache, small_emoji, small_tokenizer):
     root, tokenizer = tmp_path_factory.mktemp("speed_options"), small_tokenizer
     common = (f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=4",
               "--train.checkpoint_every=0", f"--model.tokenizer={tokenizer}", "--model.lock_text=true",
-              "--model.unlock_text_layers=1")
+              "--model.unlock_text_layers=1", "--model.attn_implementation=sdpa", "--train.optim=adamw_torch")
     train(debug_config(root / "plain", emoji_cache, *common))
     return root, common
 

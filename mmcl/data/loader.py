@@ -66,6 +66,7 @@ class TrainBatches:
                  accumulation: int = 1) -> None:
         self.accelerator, self.loader, self.stream, self.accumulation = accelerator, loader, stream, accumulation
         self.steps_per_epoch = 0 if loader is None else math.ceil(len(loader) / accumulation)
+        self.num_workers = stream.cfg.num_workers if stream is not None else loader.num_workers
 
     def after(self, steps_read: int) -> Iterator[dict[str, Any]]:
         """Batches after the first `steps_read` optimizer steps' worth (skipped updates read theirs too)."""

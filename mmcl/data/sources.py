@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import datasets
 
+from ..artifacts import default_cache_dir
 from ..config import ConfigError, SourceSpec
 
 Kind = Literal["builtin", "disk", "webdataset", "imagefolder", "file", "hub"]
@@ -28,10 +29,6 @@ DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 BUILTIN = ("builtin:emoji", "builtin:emoji-lineart", "builtin:emoji-gray")  # the emoji set in its styles
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "jp2", "image")
-
-
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "mmcl"
 
 
 def source_kind(name: str) -> Kind:

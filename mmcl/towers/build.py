@@ -4,6 +4,8 @@ a whole CLIP-format checkpoint), its tokenizer and image processor, and the towe
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -12,7 +14,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from . import backbones
-from ..artifacts import MODEL_CONFIG_NAME, check_model_reference, load_pretrained
+from ..artifacts import MODEL_CONFIG_NAME, atomic_dir, check_model_reference, default_cache_dir, load_pretrained
 from ..config import BACKBONE_PREFIX, ConfigError, ModelConfig
 from .inference import load_hf_dual_encoder
 from .lora import apply_lora, is_adapter_weight
@@ -21,19 +23,27 @@ from .model import DualEncoder, DualEncoderConfig, tower_from_dict
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_wordpiece(captions: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A lower-casing BERT-style WordPiece tokenizer trained on `captions` (seconds).
+TOKENIZER_RECIPE = "bytelevel-bpe/1"  # part of the cache key: another recipe below is another tokenizer
 
-    [SEP] gets id 3, not 2: CLIP's text pooling takes a legacy path when eos_token_id == 2.
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A lower-casing byte-level BPE tokenizer (GPT-2's alphabet: any text, no unknown token in
+    practice) trained on `captions` in seconds, with BERT's special tokens around each caption.
+
+    Deterministic: the same captions give the same tokenizer, byte for byte. (WordPiece training in
+    `tokenizers` is not: its "##" tokens get ids in hash-map order, which breaks ties between merges
+    differently in each process.) [SEP] gets id 3, not 2: CLIP's text pooling takes a legacy path
+    when eos_token_id == 2.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        show_progress=sys.stderr.isatty())  # else it prints blank lines to stdout
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=sys.stderr.isatty())  # else it prints blank lines to stdout
     tok.train_from_iterator(captions, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
@@ -43,18 +53,38 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int) -> PreTrainedToken
                                    bos_token="[CLS]", eos_token="[SEP]")
 
 
+def cached_tokenizer(captions: Iterable[str], vocab_size: int, cache_dir: str | os.PathLike | None = None) -> Any:
+    """`train_tokenizer`'s result for these captions, reused from `<cache_dir>/tokenizers/<hash>` when a
+    run with the same captions and vocabulary size trained it before (the hash covers both and the recipe)."""
+    captions = list(captions)
+    digest = hashlib.sha256(f"{TOKENIZER_RECIPE}\n{vocab_size}\n".encode())
+    for caption in captions:
+        digest.update(caption.encode("utf-8") + b"\0")
+    folder = Path(cache_dir or default_cache_dir()) / "tokenizers" / digest.hexdigest()[:24]
+    if (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    tokenizer = train_tokenizer(captions, vocab_size)
+    try:
+        with atomic_dir(folder, replace=False) as tmp:  # a run beside this one may write the same
+            tokenizer.save_pretrained(tmp)
+    except OSError:  # an unwritable cache costs the reuse, not the run
+        pass
+    return tokenizer
+
+
 def _source(cfg: ModelConfig, explicit: str | None, tower: str | None) -> str | None:
     return explicit or tower or cfg.init_from
 
 
-def build_tokenizer(cfg: ModelConfig, captions: Iterable[str] | None = None) -> Any:
-    """The configured tokenizer; or, for a random-init text tower, one trained on `captions`."""
+def build_tokenizer(cfg: ModelConfig, captions: Iterable[str] | None = None, cache_dir: str | None = None) -> Any:
+    """The configured tokenizer; or, for a random-init text tower, one trained on `captions` (cached
+    under `cache_dir`, default ~/.cache/mmcl)."""
     source = _source(cfg, cfg.tokenizer, cfg.text_model)
     if source:
         return load_pretrained(AutoTokenizer, source, "tokenizer", cfg.trust_remote_code)
     if captions is None:
         raise ValueError("a random-init text tower needs model.tokenizer or captions to train one on")
-    return train_wordpiece(captions, cfg.tokenizer_vocab_size)
+    return cached_tokenizer(captions, cfg.tokenizer_vocab_size, cache_dir)
 
 
 def build_image_processor(cfg: ModelConfig) -> Any:
@@ -195,8 +225,9 @@ def keep_matmuls() -> Any:
 
 
 def apply_attention(model: DualEncoder, cfg: ModelConfig) -> None:
-    """`model.attn_implementation` for both towers (the same math; another kernel)."""
-    if not cfg.attn_implementation:
+    """`model.attn_implementation` for both towers (the same math; another kernel). Empty, or an `auto`
+    that training setup has not resolved (mmcl/training/auto.py): the towers' default."""
+    if not cfg.attn_implementation or cfg.attn_implementation == "auto":
         return
     for tower in (model.text_model, model.vision_model):
         try:

@@ -64,6 +64,11 @@ def check_config(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path
     way that changes the result, listing every such key; see RESUMABLE_CHANGES."""
     if saved is None:  # a checkpoint from before configs were kept in them
         return
+    from ..config import Config
+    from .tracking import flatten
+
+    defaults = flatten(Config().to_dict())  # a key added since the checkpoint was written: it had the default
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     cosine = saved.get("train.lr_scheduler") == "cosine"
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key)
                      and (not key.startswith(RESUMABLE_CHANGES) or (key == "train.max_steps" and cosine)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +27,11 @@ from ..towers.model import DualEncoder
 from . import checkpoint as ckpt
 from .launch import check_lost_process, full_value, is_sharded, peak_memory_mb, release_reducer, whole
 from .setup import Run, setup
-from .tracking import Window, flatten, progress_bar
+from .throughput import Throughput
+from .tracking import RunTotals, Window, flatten, progress_bar
+
+
+DATA_WAIT_WARNING = 0.10  # a log window that waits longer than this share of its time for data is data-bound
 
 
 class NonFiniteError(StopError):
@@ -86,6 +90,9 @@ class Trainer:
             run.retention.base = state.get("retention_base")
         self.bad_in_a_row = 0
         self.logged: dict[str, float] = {}  # the last health line
+        self.throughput = Throughput(self.accelerator.device, train.mixed_precision)
+        self.totals = RunTotals()
+        self.windows, self.warned_data = 0, False
         self.rows: list[int] = []  # the rows of the optimizer step being taken (named if it goes bad)
 
     def state(self) -> dict[str, Any]:
@@ -196,7 +203,7 @@ class Trainer:
         start, window, step_values = time.perf_counter(), Window(), {}
         batches = self.run.batches.after(self.step + self.bad_steps + self.overflow_steps)  # a skipped update read its batch too
         while self.step < tcfg.max_steps:
-            step = self.training_step(next(batches))
+            step = self.training_step(self.next_batch(batches, window))
             for name, value in {"loss": step.loss, **step.terms}.items():  # no .item(): no device sync
                 step_values[name] = step_values.get(name, 0.0) + value.float() / tcfg.gradient_accumulation_steps
             if not step.synced:
@@ -218,8 +225,9 @@ class Trainer:
             bar.update(1)
             if self.step % tcfg.log_every == 0 or self.step == tcfg.max_steps:
                 self.logged = self.health(window, step.grad_norm)
-                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.logged.items()})
+                bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in self.logged.items() if k != "train/tflops"})
                 acc.log(self.logged, step=self.step)
+                self.warn_if_data_bound(self.logged["train/data_wait"])
                 window = Window()
             paused = time.perf_counter()
             if self.step < tcfg.max_steps:
@@ -229,6 +237,28 @@ class Trainer:
             window.exclude(time.perf_counter() - paused)  # evaluation and checkpoint time is not training time
         bar.close()
         return self.finish(time.perf_counter() - start)
+
+    def next_batch(self, batches: Iterator[dict[str, Any]], window: Window) -> dict[str, Any]:
+        """The next batch, the time spent waiting for it counted in the window; on the first, the
+        model's FLOPs per sample are counted (that time is not the window's)."""
+        waited = time.perf_counter()
+        batch = next(batches)
+        window.wait(time.perf_counter() - waited)
+        if not self.throughput.measured:
+            counting = time.perf_counter()
+            self.accelerator.print(self.throughput.measure(self.unwrapped, batch))
+            window.exclude(time.perf_counter() - counting)
+        return batch
+
+    def warn_if_data_bound(self, share: float) -> None:
+        """Once per run, after the first window (start-up is not the steady state)."""
+        self.windows += 1
+        if self.windows > 1 and share > DATA_WAIT_WARNING and not self.warned_data:
+            self.warned_data = True
+            self.accelerator.print(
+                f"warning: {share:.0%} of the step time waited for data (data.num_workers="
+                f"{self.run.batches.num_workers}): raise data.num_workers, or make decoding cheaper (images stored "
+                "near the model's input size; JPEG decodes at reduced size when the processor shrinks it)")
 
     def scaler_overflow(self, loss: torch.Tensor) -> bool:
         """fp16: a finite loss with an infinite gradient is the gradient scaler's overflow. The scaler
@@ -262,13 +292,18 @@ class Trainer:
         the window's steps and over processes), learning rate, temperature, gradient norm, samples/s."""
         acc, tcfg = self.accelerator, self.cfg
         means = window.means()
-        averaged = acc.reduce(torch.stack(list(means.values())), reduction="mean").tolist()  # one collective
-        samples = window.steps * tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps * acc.num_processes
+        seconds = max(window.seconds(), 1e-9)
+        waited = torch.tensor(window.waited / seconds, device=acc.device)
+        *averaged, wait = acc.reduce(torch.stack([*means.values(), waited]), reduction="mean").tolist()  # one collective
+        samples = window.steps * tcfg.per_device_batch_size * tcfg.gradient_accumulation_steps
+        self.totals.add(samples, seconds, window.waited)
+        per_device = samples / seconds
         return {**{f"train/{name}": value for name, value in zip(means, averaged)},
                 "train/lr": self.scheduler.get_last_lr()[0],
                 "train/temperature": math.exp(-full_value(self.unwrapped.logit_scale)),
                 "train/grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                "train/samples_per_s": samples / max(window.seconds(), 1e-9)}
+                "train/samples_per_s": per_device * acc.num_processes, "train/data_wait": wait,
+                **self.throughput.logs(per_device)}
 
     def finish(self, wall_s: float) -> dict[str, float]:
         acc = self.accelerator
@@ -277,6 +312,7 @@ class Trainer:
         skipped = ckpt.gather_skipped(self.run.skipped)
         trainable, total = self.params
         metrics.update({k: v for k, v in self.logged.items() if k.startswith("train/loss")})  # the last window's
+        metrics.update(self.totals.summary(self.throughput))  # the whole run's MFU and data wait
         metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s, "train/bad_steps": float(self.bad_steps),
                         "train/skipped_images": float(len(skipped.rows)), "train/trainable_params": float(trainable),
                         "train/params": float(total), "train/peak_memory_mb": peak_memory_mb(acc.device)})

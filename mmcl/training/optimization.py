@@ -11,7 +11,7 @@ from ..config import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (`train.optim`: foreach or fused); biases, norms and logit_scale (every parameter of
+    """AdamW (`train.optim`: foreach or fused; an unresolved `auto` is foreach); biases, norms and logit_scale (every parameter of
     dim < 2) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]

@@ -27,6 +27,7 @@ from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias
 from ..towers.build import build_image_processor, build_model, build_tokenizer, fit_text_config
 from ..towers.inference import EncoderBundle, load_encoder, load_processors
 from . import checkpoint as ckpt
+from .auto import detect_device, resolve_auto, sharded_launch
 from .launch import build_accelerator, claim_output_dir, is_sharded
 from .optimization import build_optimizer, build_scheduler
 from .tracking import build_trackers, flatten
@@ -60,22 +61,26 @@ def setup(config: Config, lock: RunLock) -> Run:
     """Build the run `config` describes, resumed from `train.resume` when it names a checkpoint."""
     t = config.train
     output_dir = Path(t.output_dir)
-    # 1. accelerator and output folder (the lock is taken for every process)
+    # 1. accelerator and output folder (the lock is taken for every process); `auto` settings resolved
+    resume_dir = ckpt.resolve_resume(t.resume, output_dir)
+    chosen = resolve_run_auto(config, resume_dir)
     acc = build_accelerator(t, build_trackers(t.report_to, output_dir))
+    for line in chosen:
+        acc.print(f"auto: {line}")
     claim_output_dir(lock, acc)
     if acc.is_main_process:  # a run killed while replacing its best or final model left it set aside
         for name in (BEST_DIR, FINAL_DIR):
             restore_aside(output_dir / name)
     check_sharding(config.model, config.loss, acc)
-    set_seed(t.seed)
-    resume_dir = ckpt.resolve_resume(t.resume, output_dir)
+    set_seed(t.seed, deterministic=t.deterministic)
     # 2. data and evaluation sets (a bad column fails now, not after an hour of training)
     train_ds = load_train_dataset(config.data, config.loss.hard_negative_column, acc)
     evals = load_eval_datasets(eval_specs(config.data, config.eval, t.eval_every), config.data, acc)
     retention = Retention(config.eval.retention, config.eval.stop_if_retention_below, evals)
     # 3. tokenizer and image processor (a tokenizer trained on the captions is saved, and reused on resume)
     tokenizer, image_processor = build_processors(config.model, train_captions(train_ds, config.data),
-                                                  output_dir / PROCESSOR_DIR, resume_dir is not None, acc)
+                                                  output_dir / PROCESSOR_DIR, resume_dir is not None, acc,
+                                                  config.data.cache_dir)
     fit_text_config(config.model, tokenizer)
     # 4. model (seeded again: the same initial weights whatever happened before)
     set_seed(t.seed)
@@ -116,16 +121,28 @@ def setup(config: Config, lock: RunLock) -> Run:
     return run
 
 
-def build_processors(cfg: ModelConfig, captions: Iterator[str], folder: Path, resuming: bool,
-                     accelerator: Accelerator) -> tuple[Any, Any]:
-    """Tokenizer and image processor, saved to `folder` (the run's `processor/`) by the main process.
+def resolve_run_auto(config: Config, resume_dir: Path | None) -> list[str]:
+    """`auto` settings: a resumed run keeps the choices it was started with; a new run takes this
+    device's (`mmcl.training.auto`). Returns what was chosen, to be printed."""
+    saved = flatten((ckpt.read_state(resume_dir).get("config") or {}) if resume_dir else {})
+    said = []
+    for section, key in (("train", "mixed_precision"), ("model", "attn_implementation"), ("train", "optim")):
+        cfg = getattr(config, section)
+        if getattr(cfg, key) == "auto" and saved.get(f"{section}.{key}", "auto") != "auto":
+            setattr(cfg, key, saved[f"{section}.{key}"])
+            said.append(f"{section}.{key}={saved[f'{section}.{key}']} (as the run was started)")
+    return said + resolve_auto(config.model, config.train, detect_device(), sharded_launch())
 
-    Tokenizer training is not deterministic (ties between merges), so it runs once, on the main
-    process; the other processes, and a resumed run, load what it saved."""
+
+def build_processors(cfg: ModelConfig, captions: Iterator[str], folder: Path, resuming: bool,
+                     accelerator: Accelerator, cache_dir: str | None = None) -> tuple[Any, Any]:
+    """Tokenizer and image processor, saved to `folder` (the run's `processor/`) by the main process;
+    the other processes, and a resumed run, load what it saved (a tokenizer trained on the captions
+    is the same anywhere, but training it once is enough)."""
     with accelerator.main_process_first():
         if (resuming or not accelerator.is_main_process) and (folder / "tokenizer_config.json").is_file():
             return load_processors(folder, cfg.trust_remote_code)
-        tokenizer, image_processor = build_tokenizer(cfg, captions), build_image_processor(cfg)
+        tokenizer, image_processor = build_tokenizer(cfg, captions, cache_dir), build_image_processor(cfg)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(folder)
             image_processor.save_pretrained(folder)

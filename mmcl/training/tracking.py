@@ -51,7 +51,11 @@ class Window:
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.steps, self.start, self.paused = 0, time.perf_counter(), 0.0
+        self.steps, self.start, self.paused, self.waited = 0, time.perf_counter(), 0.0, 0.0
+
+    def wait(self, seconds: float) -> None:
+        """Time the loop spent waiting for the next batch (part of the training time)."""
+        self.waited += seconds
 
     def add(self, values: dict[str, torch.Tensor]) -> None:
         for name, value in values.items():
@@ -67,6 +71,22 @@ class Window:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start - self.paused
+
+
+class RunTotals:
+    """The whole run's training samples (this process's), seconds and data wait, for metrics.json."""
+
+    def __init__(self) -> None:
+        self.samples, self.seconds, self.waited = 0, 0.0, 0.0
+
+    def add(self, samples: int, seconds: float, waited: float) -> None:
+        self.samples, self.seconds, self.waited = self.samples + samples, self.seconds + seconds, self.waited + waited
+
+    def summary(self, throughput: Any) -> dict[str, float]:
+        per_device = self.samples / max(self.seconds, 1e-9)
+        values = {"train/tflops": throughput.tflops(per_device), "train/mfu": throughput.mfu(per_device),
+                  "train/data_wait": self.waited / max(self.seconds, 1e-9), "train/flops_per_sample": throughput.flops}
+        return {k: float(v) for k, v in values.items() if v is not None and v == v}  # unknown (None, NaN): left out
 
 
 def drop_torn_line(path: Path) -> None:

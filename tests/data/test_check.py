@@ -16,7 +16,7 @@ from mmcl.data.pairs import PairDataset, PairRecipe
 from mmcl.data.sources import load_pairs, load_source
 from mmcl.data.check import check_data
 from mmcl.data.convert import ShardWriter, convert_to_hf, convert_to_webdataset, webdataset_features
-from mmcl.towers.build import build_image_processor, train_wordpiece
+from mmcl.towers.build import build_image_processor, train_tokenizer
 
 PROCESSOR = build_image_processor(ModelConfig(image_size=8))
 BOMB_LIMIT = 1000  # PIL.Image.MAX_IMAGE_PIXELS in these tests, so that a "bomb" is a few bytes
@@ -131,7 +131,7 @@ def test_truncation_with_a_tokenizer_trained_here_and_without_one(tmp_path):
     for i in range(len(captions)):
         noise(8, 8, i).save(tmp_path / f"{i}.png")
     (tmp_path / "pairs.csv").write_text("image,caption\n" + "\n".join(f"{i}.png,{c}" for i, c in enumerate(captions)))
-    tokenizer = train_wordpiece(captions, 60)
+    tokenizer = train_tokenizer(captions, 60)
     lengths = [len(tokenizer(c)["input_ids"]) for c in captions]  # with [CLS] and [SEP]
     spec = str(tmp_path / "pairs.csv")
     report = check_data(SourceSpec(spec), tokenizer=tokenizer, max_length=8)

@@ -13,7 +13,7 @@ from mmcl.config_loader import load_config
 from mmcl.data.images import load_image
 from mmcl.data.pairs import PairCollator, PairDataset, PairRecipe
 from mmcl.data.sources import load_pairs, load_source, pair_columns, require_columns
-from mmcl.towers.build import build_image_processor, train_wordpiece
+from mmcl.towers.build import build_image_processor, train_tokenizer
 from mmcl.config import ModelConfig
 
 PROCESSOR = build_image_processor(ModelConfig(image_size=8))
@@ -89,7 +89,7 @@ def test_bad_images_are_skipped_and_reported(tmp_path):
     assert item["row"] == 4
     assert [s.row for s in item["skipped"]] == [0, 1, 2, 3]
     assert "missing.png" in item["skipped"][2].source
-    batch = PairCollator(train_wordpiece(["x y"], 50), 8)([data[i] for i in range(len(data))])
+    batch = PairCollator(train_tokenizer(["x y"], 50), 8)([data[i] for i in range(len(data))])
     assert batch["pixel_values"].shape[0] == len(paths)  # shapes stay equal on every rank
 
 

@@ -14,7 +14,7 @@ from mmcl.config import DataConfig, ModelConfig
 
 from mmcl.config_loader import load_config
 from mmcl.data.pairs import PairCollator, PairRecipe
-from mmcl.towers.build import build_image_processor, train_wordpiece
+from mmcl.towers.build import build_image_processor, train_tokenizer
 from mmcl.data.sources import load_stream
 from mmcl.data.streaming import StreamingPairs
 from tests.conftest import DEBUG_CONFIG
@@ -42,7 +42,7 @@ def write_shards(folder, n_shards=4, per_shard=12, bad=()):
 
 def stream(folder, rank, world, batch=4, workers=0):
     cfg = DataConfig(train=str(folder), streaming=True, num_workers=workers, shuffle_buffer=8)
-    tokenizer = train_wordpiece(WORDS + ["0 1 2 3 4 5 6 7 8 9"], 100)
+    tokenizer = train_tokenizer(WORDS + ["0 1 2 3 4 5 6 7 8 9"], 100)
     recipe = PairRecipe(build_image_processor(ModelConfig(image_size=8)))
     return StreamingPairs(load_stream(cfg.train_source()), cfg, recipe, PairCollator(tokenizer, 16), batch, seed=0,
                           rank=rank, world_size=world)

@@ -17,7 +17,7 @@ from mmcl.evaluation.evaluators import evaluate_model, run_eval
 from mmcl.evaluation.zero_shot import class_labels
 from mmcl.towers.inference import EncoderBundle
 from mmcl.towers.model import DualEncoderOutput, Encoder
-from mmcl.towers.build import train_wordpiece
+from mmcl.towers.build import train_tokenizer
 from mmcl.config import ModelConfig
 from mmcl.towers.build import build_image_processor
 from tests.conftest import REPO, free_port, save_tiny_model
@@ -56,7 +56,7 @@ class ColorOracle(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def oracle():
-    tokenizer = train_wordpiece([f"a photo of a {c}." for c in COLORS] * 3 + ["an emoji of the large small"], 200)
+    tokenizer = train_tokenizer([f"a photo of a {c}." for c in COLORS] * 3 + ["an emoji of the large small"], 200)
     processor = build_image_processor(ModelConfig(image_size=8))
     return EncoderBundle(ColorOracle(tokenizer), tokenizer, processor, max_length=16)
 
@@ -168,7 +168,7 @@ def test_transformers_models_evaluate_through_the_same_path(tmp_path, kind):
     else:
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     model.save_pretrained(tmp_path)
-    train_wordpiece([f"a photo of a {c}." for c in COLORS], 120).save_pretrained(tmp_path)
+    train_tokenizer([f"a photo of a {c}." for c in COLORS], 120).save_pretrained(tmp_path)
     build_image_processor(ModelConfig(image_size=16)).save_pretrained(tmp_path)
     loaded = load_encoder(str(tmp_path))
     assert loaded.text_padding == ("max_length" if kind == "siglip" else "longest")

@@ -85,7 +85,7 @@ def test_pair_ids_from_the_data_pipeline(tmp_path):
 
     from mmcl.config import ModelConfig
     from mmcl.data.pairs import PairCollator, PairDataset, PairRecipe
-    from mmcl.towers.build import build_image_processor, train_wordpiece
+    from mmcl.towers.build import build_image_processor, train_tokenizer
 
     Image.new("RGB", (6, 6), "red").save(tmp_path / "a.png")
     (tmp_path / "copy.png").write_bytes((tmp_path / "a.png").read_bytes())  # the same file twice
@@ -93,7 +93,7 @@ def test_pair_ids_from_the_data_pipeline(tmp_path):
     ds = datasets.Dataset.from_dict({"image": [str(tmp_path / n) for n in ("a.png", "copy.png", "b.png")],
                                      "caption": ["red square", "a copy", "red square"]})
     data = PairDataset(ds, "image", "caption", PairRecipe(build_image_processor(ModelConfig(image_size=4))))
-    batch = PairCollator(train_wordpiece(["red square a copy"], 60), 8)([data[i] for i in range(3)])
+    batch = PairCollator(train_tokenizer(["red square a copy"], 60), 8)([data[i] for i in range(3)])
     image_ids, text_ids = batch["image_ids"].tolist(), batch["text_ids"].tolist()
     assert image_ids[0] == image_ids[1] != image_ids[2]
     assert text_ids[0] == text_ids[2] != text_ids[1]

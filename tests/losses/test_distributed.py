@@ -63,14 +63,14 @@ def with_negatives(small_emoji, tmp_path_factory):
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cache, small_emoji, with_negatives, loss):
     if "negatives" in loss:
         small_emoji = with_negatives
-    # one tokenizer for both runs: WordPiece training is not deterministic across processes
+    # one tokenizer for both runs, trained once
     from datasets import load_from_disk
 
     from mmcl.data.pairs import iter_captions
-    from mmcl.towers.build import train_wordpiece
+    from mmcl.towers.build import train_tokenizer
 
     tokenizer = tmp_path / "tokenizer"
-    train_wordpiece(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)
+    train_tokenizer(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)
     single_logs, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
     multi_logs, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
     terms = ["train/loss", "train/loss_pair", *(["train/loss_image_ssl"] if "slip" in loss else [])]

@@ -22,7 +22,7 @@ from mmcl.config import Config, ModelConfig
 from mmcl.publish.export import ExportReport, export_model
 from mmcl.towers.build import build_model
 from mmcl.towers.model import DualEncoder
-from mmcl.towers.build import build_image_processor, fit_text_config, train_wordpiece
+from mmcl.towers.build import build_image_processor, fit_text_config, train_tokenizer
 
 BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64, "max_position_embeddings": 32}
@@ -94,7 +94,7 @@ def _images() -> list[Image.Image]:
 
 def _train_like_folder(tmp_path, text, vision, text_pooling, vision_pooling):
     """A trained-model folder as `save_final` writes it (max_text_length 16)."""
-    tokenizer = train_wordpiece(CAPTIONS, vocab_size=120)
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=120)
     cfg = ModelConfig(text_config=dict(text), vision_config=dict(vision), projection_dim=8, image_size=16,
                       text_pooling=text_pooling, vision_pooling=vision_pooling, max_text_length=16)
     fit_text_config(cfg, tokenizer)
@@ -209,7 +209,7 @@ def test_siglip_init_keeps_its_heads_and_bias_and_exports_as_a_native_siglip_mod
     from mmcl.towers.inference import load_processors
     from mmcl.losses import build_loss, init_logit_bias
 
-    tokenizer = train_wordpiece(CAPTIONS, vocab_size=120)
+    tokenizer = train_tokenizer(CAPTIONS, vocab_size=120)
     text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 vocab_size=len(tokenizer), max_position_embeddings=32)
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
