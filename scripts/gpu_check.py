@@ -5,7 +5,8 @@ Run:  accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_proces
           [--config configs/gpu_check_vit_b32.yaml] [--steps 30] [--batch 256] [--peak-tflops 989]
 Prints one JSON line: samples/s, peak memory, model FLOPs per sample (counted by
 torch.utils.flop_counter on one step: forward + backward), and MFU = FLOPs/sample x samples/s /
-(processes x peak bf16 FLOP/s; 989 TFLOP/s dense for an H100 / H200 SXM).
+(processes x the device's dense peak at the run's precision: mmcl.training.throughput's table of GPUs,
+or its CPU matmul probe).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="per process; default: the config's")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense peak at the run's precision; default: mmcl's table / CPU probe")
     parser.add_argument("overrides", nargs="*", help="--section.key=value for the config")
     args, extra = parser.parse_known_args()
 
@@ -84,12 +86,15 @@ def main() -> None:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     samples_per_s = args.steps * batch_size * acc.num_processes / elapsed
+    from mmcl.training.throughput import peak_tflops
+
+    peak_flops = args.peak_tflops or peak_tflops(acc.device, config.train.mixed_precision)[0] or float("nan")
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     result = {"launch": str(acc.distributed_type).split(".")[-1], "processes": acc.num_processes,
               "precision": config.train.mixed_precision, "parameters_m": params / 1e6, "batch_per_process": batch_size,
               "steps": args.steps, "samples_per_s": samples_per_s, "peak_memory_gib": peak,
               "gflops_per_sample": flops_per_sample / 1e9,
-              "mfu": flops_per_sample * samples_per_s / (acc.num_processes * args.peak_tflops * 1e12)}
+              "peak_tflops": peak_flops, "mfu": flops_per_sample * samples_per_s / (acc.num_processes * peak_flops * 1e12)}
     if acc.is_main_process:
         print(json.dumps(result), flush=True)
 

@@ -72,7 +72,8 @@ def max_difference(a, b):
 
 
 def resume_through_the_cli(out, emoji_cache, *overrides):
-    """A fresh process, as a user resumes: `python -m mmcl.cli train ... --train.resume=latest`."""
+    """A fresh process, as a user resumes: `python -m mmcl.cli train ... --train.resume=latest` (a
+    first run where there is no checkpoint yet); returns what it printed."""
     cmd = [sys.executable, "-m", "mmcl.cli", "train", str(DEBUG_CONFIG), f"--train.output_dir={out}",
            f"--data.cache_dir={emoji_cache}", "--train.progress_bar=false", "--hub.export=false", *overrides,
            "--train.resume=latest"]

@@ -4,6 +4,7 @@ Captions are tokenized in the collator."""
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from dataclasses import dataclass, field
@@ -33,10 +34,17 @@ class PairRecipe:
     views: Augment | None = None
     max_image_bytes: int = MAX_IMAGE_BYTES
     negative_column: str | None = None
-    min_size: int | None = field(init=False)  # the processor's smallest accepted side, from the processor
+    min_size: int | None = field(init=False)  # the smallest side to decode a JPEG at (see __post_init__)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "min_size", processor_min_size(self.image_processor))
+        """A JPEG larger than needed decodes at a reduced scale (`load_image`), never below the side the
+        processor resizes to, divided by the side of the smallest crop the augmentation may take: a
+        crop of 30% of the area is then still resized down, not up."""
+        side = processor_min_size(self.image_processor)
+        crops = [a.scale[0] for a in (self.augment, self.views) if a is not None]
+        if side and crops:
+            side = math.ceil(side / math.sqrt(max(min(crops), 1e-3)))
+        object.__setattr__(self, "min_size", side)
 
     @classmethod
     def from_config(cls, data: DataConfig, loss: LossConfig, image_processor: Any) -> "PairRecipe":

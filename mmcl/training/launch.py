@@ -26,6 +26,11 @@ ROLL_CALL_S = 15.0  # after a failed collective, how long the survivors wait for
 
 
 def build_accelerator(cfg: TrainConfig, log_with: Any = None) -> Accelerator:
+    """The run's Accelerator (an unresolved `train.mixed_precision: auto` is resolved here first)."""
+    if cfg.mixed_precision == "auto":
+        from .auto import detect_device
+
+        cfg.mixed_precision = "bf16" if detect_device().bf16 else "no"
     acc = Accelerator(
         # with no GPU (or other accelerator), torchrun / accelerate launch run gloo on the CPU
         cpu=not torch.accelerator.is_available(),
