@@ -7,10 +7,12 @@ module paths). Run from the harness folder, naming this file:
 
   mmcl_clip : DualEncoder with CLIPTextModel + CLIPVisionModel towers built from configs (the
               architecture of open_clip.CLIP: pre-LN, causal text, EOS/CLS poolers, and GELU, as
-              open_clip's default; transformers' CLIP configs default to quick_gelu).
-  mmcl_clip_fast : the same towers with the speed options a user sets in the config:
-              model.attn_implementation=eager and train.optim=adamw_torch_fused.
-  mmcl_clip_lean : mmcl_clip_fast with model.{text,vision}_activation_checkpointing=true.
+              open_clip's default; transformers' CLIP configs default to quick_gelu), with mmcl's
+              defaults: attn_implementation and optim `auto`, resolved for this device at the harness's
+              precision as a run resolves them (mmcl/training/auto.py).
+  mmcl_clip_plain : the same towers with SDPA attention and multi-tensor AdamW (the defaults before `auto`).
+  mmcl_clip_fast : the same towers with eager attention and fused AdamW, whatever the precision.
+  mmcl_clip_lean : mmcl_clip (the defaults) with model.{text,vision}_activation_checkpointing=true.
   mmcl_clip_selective : mmcl_clip_lean with model.activation_checkpointing_policy=selective (the
               matmul and attention outputs kept; norms, activations, casts and sums recomputed).
   mmcl_bert : DualEncoder with BERT + ViT towers, mean/cls pooling (what mmcl's quickstart uses).
@@ -37,16 +39,19 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
     from mmcl.config import ModelConfig, TrainConfig
     from mmcl.losses import ClipLoss, Objective
 
+    from mmcl.training.auto import detect_device, resolve_auto
+
     mcfg = ModelConfig(text_config=text_config, vision_config=vision_config, text_pooling=text_pooling,
                        vision_pooling=vision_pooling, projection_dim=arch["embed_dim"],
-                       attn_implementation=options.get("attn_implementation"),
+                       attn_implementation=options.get("attn_implementation", "auto"),
                        text_activation_checkpointing=bool(options.get("checkpointing")),
                        vision_activation_checkpointing=bool(options.get("checkpointing")),
                        activation_checkpointing_policy=options.get("checkpointing") or "full")
-    model = build_model(mcfg).train()
     tcfg = TrainConfig(learning_rate=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
                        max_grad_norm=None, mixed_precision={"fp32": "no"}.get(precision, precision),
-                       optim=options.get("optim", "adamw_torch"))
+                       optim=options.get("optim", "auto"))
+    chosen = resolve_auto(mcfg, tcfg, detect_device())  # the harness fixes the precision; the rest as a run
+    model = build_model(mcfg).train()
     acc = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=True)
     opt = build_optimizer(model, tcfg)
     pmodel, opt = acc.prepare(model, opt)
@@ -71,7 +76,7 @@ def _contestant(arch, precision, text_config, vision_config, text_pooling, visio
 
     import mmcl
     return Contestant(model=model, step=step, forward_loss=forward_loss, analytic_extra={}, logits_matmuls=2,
-                      notes=f"mmcl {getattr(mmcl, '__version__', '?')}; {notes}")
+                      notes=f"mmcl {getattr(mmcl, '__version__', '?')}; {notes}; {'; '.join(chosen) or 'no auto'}")
 
 
 def _clip_towers(arch):
@@ -89,7 +94,13 @@ def _clip_towers(arch):
 
 def build_mmcl_clip(arch, precision):
     return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
-                       "CLIPTextModel + CLIPVisionModel towers (GELU), pooler pooling")
+                       "CLIPTextModel + CLIPVisionModel towers (GELU), pooler pooling, mmcl's defaults")
+
+
+def build_mmcl_clip_plain(arch, precision):
+    return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
+                       "CLIP towers (GELU), SDPA attention, multi-tensor AdamW",
+                       attn_implementation="sdpa", optim="adamw_torch")
 
 
 def build_mmcl_clip_fast(arch, precision):
@@ -100,8 +111,8 @@ def build_mmcl_clip_fast(arch, precision):
 
 def build_mmcl_clip_lean(arch, precision):
     return _contestant(arch, precision, *_clip_towers(arch), "pooler", "pooler",
-                       "CLIP towers (GELU), mmcl_clip_fast's options and activation checkpointing in both towers",
-                       attn_implementation="eager", optim="adamw_torch_fused", checkpointing="full")
+                       "CLIP towers (GELU), mmcl's defaults and activation checkpointing in both towers",
+                       checkpointing="full")
 
 
 def build_mmcl_clip_selective(arch, precision):
@@ -131,6 +142,7 @@ def mmcl_loss_factory():
 
 def register(contestants, losses):
     contestants["mmcl_clip"] = build_mmcl_clip
+    contestants["mmcl_clip_plain"] = build_mmcl_clip_plain
     contestants["mmcl_clip_fast"] = build_mmcl_clip_fast
     contestants["mmcl_clip_lean"] = build_mmcl_clip_lean
     contestants["mmcl_clip_selective"] = build_mmcl_clip_selective

@@ -203,3 +203,12 @@ def test_an_import_up_the_stage_order_is_found(tmp_path):
     stages = [("base", ("pkg",)), ("low", ("pkg.low",)), ("high", ("pkg.high",))]
     assert upward(import_graph(pkg), stages) == ["pkg.low.a (low) -> pkg.high (high)",
                                                  "pkg.low.a (low) -> pkg.high.b (high)"]
+
+
+def test_the_training_step_does_not_load_the_data_libraries():
+    """`mmcl.training.loop` (its `training_step`, what benchmarks and the harness import) loads neither
+    `datasets` nor pyarrow / pandas (about 90 MB of memory); a run loads them when it reads data."""
+    probe = ("import sys, mmcl.training.loop; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'datasets', 'pyarrow', 'pandas'}))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]

@@ -8,13 +8,15 @@ import math
 import random
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
-import datasets
 import torch
 
 from ..config import DataConfig, LossConfig
 from .augment import Augment, build_augment
+if TYPE_CHECKING:  # `datasets` (with pyarrow and pandas) is a large import: only what reads data pays it
+    import datasets
+
 from .images import MAX_IMAGE_BYTES, describe, load_image, processor_min_size, read_image_bytes, stable_id
 
 

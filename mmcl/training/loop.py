@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import torch
 from accelerate import Accelerator
@@ -20,15 +20,16 @@ from accelerate.utils import gather_object
 
 from ..artifacts import BEST_DIR, FINAL_DIR, METRICS_NAME, RunLock, write_json
 from ..config import Config, EvalConfig, EvalSpec, StopError, TrainConfig
-from ..evaluation.evaluators import run_eval, scalars
 from ..evaluation.retention import RetentionError
 from ..towers.lora import merged_weights, parameter_counts
 from ..towers.model import DualEncoder
 from . import checkpoint as ckpt
 from .launch import check_lost_process, full_value, is_sharded, peak_memory_mb, release_reducer, whole
-from .setup import Run, setup
 from .throughput import Throughput
 from .tracking import RunTotals, Window, flatten, progress_bar
+
+if TYPE_CHECKING:  # the run's data and evaluation modules import `datasets`: loaded when a run starts
+    from .setup import Run
 
 
 DATA_WAIT_WARNING = 0.10  # a log window that waits longer than this share of its time for data is data-bound
@@ -125,6 +126,8 @@ class Trainer:
     def evaluate(self, final: bool = False, only: set[str] | None = None) -> dict[str, float]:
         """The evaluations due at this step (all of them when `final`; the sets `only` names when
         given), logged as `<name>/<metric>`, with `retention/<name>/<metric>` for `eval.retention`."""
+        from ..evaluation.evaluators import run_eval, scalars
+
         metrics: dict[str, float] = {}
         for name, (spec, ds) in self.run.evals.items():
             due = name in only if only is not None else final or (spec.every and self.step % spec.every == 0)
@@ -336,6 +339,8 @@ def train(config: Config) -> dict[str, float]:
     Another live run writing to the same `train.output_dir` is refused (`RunLock`). When another
     process of the job is lost (killed, out of memory, its node gone), this one raises a
     `mmcl.training.launch.LostProcessError` naming it, within seconds, instead of waiting on it."""
+    from .setup import setup
+
     lock = RunLock(config.train.output_dir)
     try:
         trainer = Trainer(setup(config, lock), config.train, config.eval)

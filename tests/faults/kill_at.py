@@ -19,6 +19,7 @@ import accelerate.checkpointing
 from accelerate import Accelerator
 
 import mmcl.artifacts
+import mmcl.evaluation.evaluators as evaluators
 from mmcl.cli import run
 from mmcl.towers.model import DualEncoder
 from mmcl.training import loop as train_module
@@ -83,7 +84,7 @@ def torn_log(log):
 
 
 train_module.training_step = after("step", train_module.training_step)
-train_module.run_eval = after("eval", train_module.run_eval)
+evaluators.run_eval = after("eval", evaluators.run_eval)
 Accelerator.save_state = after("checkpoint", Accelerator.save_state)
 accelerate.checkpointing.save = cut_in_half(accelerate.checkpointing.save)
 mmcl.artifacts.os = KillingOs()

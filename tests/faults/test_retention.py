@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import mmcl.training.loop as train_module
+import mmcl.evaluation.evaluators as evaluators
 from mmcl.training.checkpoint import checkpoints
 from mmcl.config import ConfigError
 from mmcl.training.loop import RetentionError, train
@@ -23,7 +23,7 @@ def planted(monkeypatch, values):
         calls.append(1)
         return {"top1": values[len(calls) - 1], "classes": 20}
 
-    monkeypatch.setattr(train_module, "run_eval", fake_run_eval)
+    monkeypatch.setattr(evaluators, "run_eval", fake_run_eval)
 
 
 def test_a_planted_drop_is_logged_and_stops_the_run_with_a_checkpoint(tmp_path, emoji_cache, small_emoji,
