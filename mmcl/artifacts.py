@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -45,6 +46,7 @@ CHECKPOINTS_DIR, PROCESSOR_DIR, LOGS_DIR = "checkpoints", "processor", "logs"
 FINAL_DIR, BEST_DIR, EXPORT_DIR = "final", "best", "export"
 LOG_NAME = "metrics.jsonl"
 LOCK_NAME = ".mmcl-run.lock"  # held by the run writing the folder: its pid, host and start
+MARKER_NAME = ".mmcl-output"  # in every folder mmcl writes as a whole: what wrote it (and so may replace it)
 
 
 def default_cache_dir() -> Path:
@@ -84,19 +86,54 @@ def staging_dir(final: Path, unique: bool = False) -> Path:
     return final.with_name(f".tmp-{final.name}{suffix}")
 
 
+# --- folders mmcl may replace -----------------------------------------------------------------------
+def written_by_mmcl(folder: Path) -> bool:
+    """A folder mmcl wrote: its marker, or (written before markers) one of mmcl's own files."""
+    signs = (MARKER_NAME, MODEL_CONFIG_NAME, EXPORT_INFO_NAME, TRAINING_CONFIG_NAME, f"{LOGS_DIR}/{LOG_NAME}")
+    return any((folder / name).is_file() for name in signs) or any(folder.glob(f"{CHECKPOINTS_DIR}/step-*/{STATE_NAME}"))
+
+
+def check_output_folder(folder: Path, overwrite: bool = False, flag: str = "--overwrite") -> None:
+    """A folder mmcl is about to replace or fill: absent, empty, or written by mmcl; otherwise a
+    one-line error (`flag` replaces it anyway). A file in its place is never replaced."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise ConfigError(f"{folder} is a file or a link, not a folder: mmcl writes only folders it can replace "
+                          "whole; choose another output")
+    entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_NAME)
+    if entries and not overwrite and not written_by_mmcl(folder):
+        shown = ", ".join(entries[:3]) + (f", ... ({len(entries)} entries)" if len(entries) > 3 else "")
+        raise ConfigError(f"{folder} holds files mmcl did not write ({shown}); choose a new or empty folder, or "
+                          f"pass {flag} to replace it")
+
+
+def mark_folder(folder: Path, kind: str) -> None:
+    """Say that mmcl wrote `folder` (what `written_by_mmcl` and `check_output_folder` read)."""
+    from . import __version__
+
+    write_json(folder / MARKER_NAME, {"written_by": "mmcl", "version": __version__, "kind": kind})
+
+
 @contextmanager
-def atomic_dir(final: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike, replace: bool = True, overwrite: bool = False,
+               kind: str = "folder") -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`, renamed to `final` when the block succeeds
-    and removed when it fails: no reader, and no crash, ever sees a half-written `final`.
+    and removed when it fails: no reader, and no crash, ever sees a half-written `final`. The
+    folder is marked as mmcl's (`kind`); an existing `final` that mmcl did not write is refused
+    unless `overwrite` (`check_output_folder`).
 
     replace=False: when `final` appeared meanwhile (another process built the same thing), keep
     that one and discard this copy.
     """
     final = Path(final)
+    if replace:
+        check_output_folder(final, overwrite)
     tmp = staging_dir(final, unique=not replace)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        mark_folder(tmp, kind)
         yield tmp
         if replace:
             replace_dir(tmp, final)
@@ -120,6 +157,14 @@ FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno
 # failed"), safetensors (an IoError with the OS's code and message)
 WRITE_FAILURE = re.compile(r"no space left|quota|file too large|read-only file system|permission denied|"
                            r"file write failed|(code: |os error )(28|122|27|30|13)\b", re.IGNORECASE)
+
+
+def folder_sha256(folder: Path) -> str:
+    """A SHA-256 of a folder's regular files (names and bytes, in name order; hidden files left out)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def folder_bytes(folder: Path) -> int:
@@ -201,16 +246,21 @@ class RunLock:
 
 
 # --- secrets ---------------------------------------------------------------------------------------
-# A key containing any of these is dropped, with its whole value, before a config is written or
-# shown; "token" but not "tokenizer" (model.tokenizer is a setting, not a credential).
-_SECRET_KEY = re.compile(r"token(?!i[sz])|secret|password|passwd|api_?key|credential|private_key|access_key"
-                         r"|authorization")
+# A key whose last word names a credential is dropped, with its whole value, before a config is written
+# or shown: hf_token, use_auth_token, OPENAI_API_KEY, apiKey, db_password, client_secret, but not
+# pad_token_id, token_type_ids, max_tokens or tokenizer (settings, not credentials).
+_SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "apikey", "credential", "credentials",
+                           "authorization"})
+_KEY_KINDS = frozenset({"api", "private", "access", "secret", "auth"})  # api_key, private_key, ...
 HF_TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{20,}")  # what a Hub token looks like
 
 
 def is_secret_key(key: Any) -> bool:
-    """`hf_token`, `OPENAI_API_KEY`, `db_password`, ... (case-insensitive); not `tokenizer`."""
-    return bool(_SECRET_KEY.search(str(key).lower()))
+    """Whether a config key names a credential (case-insensitive; snake, kebab or camel case)."""
+    words = [w for w in re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower()) if w]
+    if not words:
+        return False
+    return words[-1] in _SECRET_WORDS or (words[-1] == "key" and len(words) > 1 and words[-2] in _KEY_KINDS)
 
 
 def scrub_secrets(value: Any) -> Any:
@@ -223,6 +273,25 @@ def scrub_secrets(value: Any) -> Any:
     if isinstance(value, str):
         return HF_TOKEN_SHAPE.sub("<redacted>", value)
     return value
+
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab")
+
+
+def scrub_config_files(folder: Path) -> None:
+    """`scrub_secrets` on every JSON config a model folder holds (mmcl's own, and those transformers and
+    sentence-transformers wrote for it): what a config carried in is not written out. Tokenizer files
+    are left alone: their keys (`bos_token`, `SpecialToken`) are vocabulary, not credentials."""
+    for path in folder.rglob("*.json"):
+        if path.is_symlink() or not path.is_file() or path.name.startswith(TOKENIZER_FILES):
+            continue
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        clean = scrub_secrets(value)
+        if clean != value:
+            path.write_text(json.dumps(clean, indent=2), encoding="utf-8")
 
 
 def secret_keys(value: Any, prefix: str = "") -> list[str]:
@@ -271,11 +340,12 @@ def load_pretrained(auto_class: Any, name: str, what: str, trust_remote_code: bo
     offline, no such file in the folder) turned into a one-line error naming `name` and `what`."""
     try:
         return auto_class.from_pretrained(str(name), trust_remote_code=trust_remote_code)
-    except OSError as err:
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError) as err:  # not found, offline; an unknown model_type; remote code
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = "" if Path(name).exists() else "not a local folder, and "
         raise ConfigError(f"{name}: {where}cannot load its {what} ({first})") from err
-
 
 
 # --- the saved training config and metrics ---------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import INFO_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, atomic_dir, write_json
+from ..artifacts import (INFO_NAME, MARKER_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, atomic_dir, check_output_folder,
+                         mark_folder, scrub_config_files, write_json)
 from ..config import Config, ConfigError
 
 def describe(tensor: torch.Tensor | None) -> str:
@@ -101,6 +102,7 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
 
     pretrained, finetuned, out = Path(pretrained), Path(finetuned), Path(out)
     check_inputs(pretrained, finetuned)
+    check_output_folder(out)  # the sweep adds its two files to a new, empty or mmcl folder
     specs = eval_specs(config.data, config.eval)
     target, retention = axes(config, target, retention, list(specs))
     pyplot()  # matplotlib is there, before the evaluations run
@@ -122,23 +124,27 @@ def sweep(pretrained: str | Path, finetuned: str | Path, alphas: list[float], ou
         print(f"alpha {alpha:g}: {target} {row[target]:.4f}, {retention} {row[retention]:.4f}")
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
+    mark_folder(out, "wise-ft sweep")
     write_json(out / "wise_ft_sweep.json", {"pretrained": str(pretrained), "finetuned": str(finetuned),
                                             "target": target, "retention": retention, "rows": rows})
     save_tradeoff_curve(rows, retention, target, out / "wise_ft_curve.png", f"WiSE-FT: {finetuned}")
     return rows
 
 
-def wise_ft(pretrained: str | Path, finetuned: str | Path, alpha: float, out: str | Path) -> Path:
+def wise_ft(pretrained: str | Path, finetuned: str | Path, alpha: float, out: str | Path,
+            overwrite: bool = False) -> Path:
     """Write the mix of two mmcl model folders to `out` (the fine-tuned folder's config, tokenizer
-    and image processor, the mixed weights, and `mmcl_info.json` saying what was mixed)."""
+    and image processor, the mixed weights, and `mmcl_info.json` saying what was mixed). `out` is
+    new, empty, or a folder mmcl wrote (replaced); `overwrite`: any folder."""
     pretrained, finetuned, out = Path(pretrained), Path(finetuned), Path(out)
     check_inputs(pretrained, finetuned)
     mixed = mix_weights(load_file(pretrained / WEIGHTS_NAME), load_file(finetuned / WEIGHTS_NAME), alpha)
-    with atomic_dir(out) as tmp:
-        for path in finetuned.iterdir():
-            if path.is_file() and path.name not in (WEIGHTS_NAME, INFO_NAME):
+    with atomic_dir(out, overwrite=overwrite, kind="model") as tmp:
+        for path in finetuned.iterdir():  # regular files only: a link is not followed
+            if path.is_file() and not path.is_symlink() and path.name not in (WEIGHTS_NAME, INFO_NAME, MARKER_NAME):
                 shutil.copy2(path, tmp / path.name)
         save_file(mixed, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         write_json(tmp / INFO_NAME, {"wise_ft": {"pretrained": str(pretrained), "finetuned": str(finetuned),
                                                   "alpha": alpha}})
+        scrub_config_files(tmp)
     return out

@@ -6,21 +6,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .common import trust_backbone_argument
+
 
 def export(args: argparse.Namespace, extra: list[str]) -> int:
     from ..publish.export import export_model
 
-    report = export_model(args.model_dir, args.out_dir)
+    report = export_model(args.model_dir, args.out_dir, overwrite=args.overwrite)
     print(f"exported to {args.out_dir}\n{report}")
     return 0
 
 
 def push(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..publish.push import ensure_model_card, push_folder, require_token, select_files
+    from ..publish.push import ensure_model_card, plan, push_folder, require_token, select_files
 
     folder = Path(args.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
+    if args.dry_run:  # nothing written, nothing sent, no token needed
+        print(plan(folder))
+        return 0
     require_token()  # before anything is written or sent
     had_card = (folder / "README.md").is_file()
     card = ensure_model_card(folder, args.repo_id)
@@ -49,7 +54,7 @@ def wise_ft(args: argparse.Namespace, extra: list[str]) -> int:
     if len(alphas) > 1 or extra or args.target or args.retention:
         args.parser.error("several alphas, --target, --retention and config overrides need --eval CONFIG, which "
                           "names the evaluations")
-    out = mix(args.pretrained, args.finetuned, alphas[0], args.out)
+    out = mix(args.pretrained, args.finetuned, alphas[0], args.out, overwrite=args.overwrite)
     print(f"wrote {out}: {1 - alphas[0]:g} x {args.pretrained} + {alphas[0]:g} x {args.finetuned}")
     return 0
 
@@ -59,7 +64,9 @@ def register(sub: Any) -> None:
                             description="mmcl export MODEL_DIR OUT_DIR: a folder that loads without mmcl, with "
                                         "transformers (when the pooling allows) and sentence-transformers.")
     parser.add_argument("model_dir", help="an mmcl model folder (e.g. runs/NAME/final)")
+    trust_backbone_argument(parser)
     parser.add_argument("out_dir", help="the folder to write: new, empty, or an earlier export (replaced)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR even if mmcl did not write it")
     parser.set_defaults(func=export, parser=parser)
     parser = sub.add_parser(
         "push", help="upload a trained model folder to the Hugging Face Hub",
@@ -72,6 +79,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
     parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="list what would be sent, with sizes; send nothing")
     parser.set_defaults(func=push, parser=parser)
     wise = sub.add_parser("wise-ft", help="mix a pretrained and a fine-tuned model in weight space (WiSE-FT)",
                           description="mmcl wise-ft PRETRAINED FINETUNED OUT --alpha 0.5: writes (1 - alpha) x "
@@ -79,7 +87,9 @@ def register(sub: Any) -> None:
                                       "folders of one architecture and one tokenizer.")
     wise.add_argument("pretrained", help="the model before fine-tuning (an mmcl model folder)")
     wise.add_argument("finetuned", help="the fine-tuned model (an mmcl model folder)")
-    wise.add_argument("out", help="the folder to write")
+    trust_backbone_argument(wise)
+    wise.add_argument("out", help="the folder to write: new, empty, or one mmcl wrote (replaced)")
+    wise.add_argument("--overwrite", action="store_true", help="replace OUT even if mmcl did not write it")
     wise.add_argument("--alpha", default="0.5", help="the fine-tuned model's weight, 0..1; with --eval, a list "
                                                      "to sweep: 0,0.25,0.5,0.75,1")
     wise.add_argument("--eval", default=None, metavar="CONFIG", help="sweep: evaluate each mix on this mmcl config's "

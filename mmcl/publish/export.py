@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, atomic_dir
+from ..artifacts import (EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, atomic_dir,
+                         scrub_config_files)
 from ..towers.backbones import BackboneTower, NoTransformersCopy, as_transformers
 from ..towers.inference import EncoderBundle, load_encoder
 from ..towers.model import DualEncoder
@@ -240,14 +241,14 @@ def _export_into(model_dir: Path, folder: Path) -> ExportReport:
     return report
 
 
-def export_model(model_dir: str | Path, out_dir: str | Path) -> ExportReport:
-    """Export the mmcl model in `model_dir` to `out_dir` (new, empty, or an earlier export, which is
-    replaced): the transformers-native model and processor when the towers and pooling allow it, the
+def export_model(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> ExportReport:
+    """Export the mmcl model in `model_dir` to `out_dir` (new, empty, or one mmcl wrote, which is
+    replaced; `overwrite`: any folder): the transformers-native model and processor when the towers and pooling allow it, the
     sentence-transformers modules, the training config, and this report as `mmcl_export.json`.
     Each route is kept only if it reproduces mmcl's embeddings of probe texts and images.
     """
-    model_dir, out_dir = Path(model_dir), Path(out_dir).resolve()
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / EXPORT_INFO_NAME).is_file():
-        raise FileExistsError(f"{out_dir}: is not empty and is not an earlier export: not writing there")
-    with atomic_dir(out_dir) as tmp:  # written whole, then renamed into place
-        return _export_into(model_dir, tmp)
+    model_dir, out_dir = Path(model_dir), Path(out_dir).absolute()
+    with atomic_dir(out_dir, overwrite=overwrite, kind="export") as tmp:  # written whole, then renamed into place
+        report = _export_into(model_dir, tmp)
+        scrub_config_files(tmp)
+        return report

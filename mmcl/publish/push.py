@@ -5,9 +5,14 @@ processor configs, sentence-transformers module files and the model card. Pickle
 `*.pkl`, `*.pt`), optimizer and RNG states, checkpoints and logs never leave the machine, whatever
 else the folder holds.
 
+Only regular files inside the folder are sent: a symlink (to /etc/passwd, or to a folder outside) is
+left out whatever its name, and so is any path whose resolved location is outside the folder. Each
+`*.safetensors` file is opened and its header checked before it is sent. A file holding a
+token-shaped string (`hf_...`) stops the push, naming the file.
+
 The token comes from the `token` argument, else huggingface_hub resolves it (`HF_TOKEN`, then the
-`hf auth login` file); mmcl never prints, logs or writes it. Before anything is sent, the text
-files to upload are checked not to contain it.
+`hf auth login` file); mmcl never prints, logs or writes it. Before anything is sent, the files to
+upload are checked not to contain it.
 
 Heavy imports live inside the functions: `mmcl --help` imports this module.
 """
@@ -18,7 +23,11 @@ import fnmatch
 import glob
 import json
 import logging
+import os
+import re
+import stat
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ..artifacts import (EXPORT_INFO_NAME, HF_TOKEN_SHAPE, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, load_training_config,
                          metrics_for, read_json, secret_keys)
@@ -82,17 +91,40 @@ def _module_dirs(folder: Path) -> list[PurePosixPath]:
     return [d for d in dirs if str(d) != "."]
 
 
+def regular_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """(the regular files under `folder`, sorted; what was left out and why: links and anything else
+    that is not a regular file inside the folder). Links are never followed."""
+    root, files, left_out = folder.resolve(), [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in sorted(dirnames):
+            if (Path(dirpath) / name).is_symlink():
+                left_out.append(f"{(Path(dirpath) / name).relative_to(folder)} (a link to a folder)")
+        for name in filenames:
+            path = Path(dirpath) / name
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                left_out.append(f"{path.relative_to(folder)} (a link)")
+            elif not stat.S_ISREG(info.st_mode):
+                left_out.append(f"{path.relative_to(folder)} (not a regular file)")
+            elif not path.resolve().is_relative_to(root):
+                left_out.append(f"{path.relative_to(folder)} (outside the folder)")
+            else:
+                files.append(path)
+    return sorted(files), left_out
+
+
 def select_files(folder: str | Path) -> list[str]:
     """The files of `folder` that a push uploads (POSIX paths relative to `folder`, sorted).
 
     Top level: `*.safetensors` and the names in `TOP_LEVEL_FILES`. Sentence-transformers module
-    folders (see `_module_dirs`): config files, safetensors and tokenizer files. Hidden files and
-    anything matching `FORBIDDEN_PATTERNS` are left out everywhere.
+    folders (see `_module_dirs`): config files, safetensors and tokenizer files. Only regular files
+    inside the folder (`regular_files`); hidden files and anything matching `FORBIDDEN_PATTERNS` are
+    left out everywhere.
     """
     folder = Path(folder)
     modules = _module_dirs(folder)
     chosen = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in regular_files(folder)[0]:
         rel = PurePosixPath(path.relative_to(folder).as_posix())
         if _matches(rel.name, FORBIDDEN_PATTERNS) or any(part.startswith(".") for part in rel.parts):
             continue
@@ -105,8 +137,30 @@ def select_files(folder: str | Path) -> list[str]:
     return chosen
 
 
+def check_safetensors(path: Path) -> None:
+    """A `*.safetensors` file whose header parses and whose tensors lie inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= min(size - 8, 100 * 2**20):
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            raise ValueError("its tensors run past the end of the file")
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as err:
+        raise ConfigError(f"{path} is not a valid safetensors file ({type(err).__name__}: {err}); not pushing it") \
+            from None
+
+
 def _check_files(folder: Path, files: list[str], token: str | None) -> list[str]:
-    """Drop a training config holding credential-like keys; refuse any text file holding the token."""
+    """Drop a training config holding credential-like keys; refuse a broken safetensors file, and any
+    file holding a token-shaped string or the token itself."""
     import yaml
 
     if TRAINING_CONFIG_NAME in files:
@@ -116,11 +170,28 @@ def _check_files(folder: Path, files: list[str], token: str | None) -> list[str]
             logger.warning("not uploading %s: it has credential-like keys %s or a token-shaped value",
                            TRAINING_CONFIG_NAME, keys)
             files = [f for f in files if f != TRAINING_CONFIG_NAME]
-    if token:
-        for name in files:
-            if name.endswith(_TEXT_SUFFIXES) and token.encode() in (folder / name).read_bytes():
-                raise ConfigError(f"{folder / name} contains your Hub token; remove it before pushing")
+    shape = re.compile(HF_TOKEN_SHAPE.pattern.encode())
+    for name in files:
+        if name.endswith(".safetensors"):
+            check_safetensors(folder / name)
+        data = (folder / name).read_bytes()
+        if (token and token.encode() in data) or shape.search(data):
+            raise ConfigError(f"{folder / name} contains a Hugging Face token (or a string shaped like one); "
+                              "remove it before pushing")
     return files
+
+
+def plan(folder: str | Path) -> str:
+    """`mmcl push --dry-run`: what would be sent (each file with its size) and what is left out."""
+    folder = Path(folder)
+    files = _check_files(folder, select_files(folder), None)
+    sizes = {f: (folder / f).stat().st_size for f in files}
+    lines = [f"would upload {len(files)} files, {sum(sizes.values()):,} bytes, from {folder}:"]
+    lines += [f"  {size:>14,}  {name}" for name, size in sizes.items()]
+    left = regular_files(folder)[1]
+    if left:
+        lines.append("left out: " + "; ".join(left))
+    return "\n".join(lines)
 
 
 def require_token(token: str | None = None) -> str:
@@ -161,7 +232,27 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
     files = _check_files(folder, select_files(folder), token)
     if not any(_matches(f, (WEIGHT_PATTERN,)) for f in files):
         raise ConfigError(f"{folder}: has no *.safetensors weights: not a model folder to push")
-    api = HfApi()
+    try:
+        return _upload(HfApi(), folder, files, repo_id, private, revision, commit_message, token)
+    except ConfigError:
+        raise
+    except Exception as err:  # offline, no network, refused: one line naming the cause (never the token)
+        if not _network_error(err):
+            raise
+        cause = " ".join(str(err).replace(token, "<token>").split())[:200]
+        raise ConfigError(f"could not push {folder} to {repo_id}: {type(err).__name__}: {cause} (offline? "
+                          "HF_HUB_OFFLINE set, no network, or the token lacks write access)") from None
+
+
+def _network_error(err: Exception) -> bool:
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return isinstance(err, (OSError, httpx.HTTPError, HfHubHTTPError))
+
+
+def _upload(api: Any, folder: Path, files: list[str], repo_id: str, private: bool, revision: str | None,
+            commit_message: str | None, token: str) -> str:
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
     if private and not api.repo_info(repo_id, token=token).private:
         raise ConfigError(f"{repo_id} already exists and is public; make it private on the Hub or push "

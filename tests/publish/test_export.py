@@ -183,7 +183,7 @@ def test_export_never_writes_into_a_folder_that_is_not_an_earlier_export(tmp_pat
     folder = _train_like_folder(tmp_path, BERT, VIT, "mean", "cls")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not an earlier export"):
+    with pytest.raises(ValueError, match="taken holds files mmcl did not write"):
         export_model(folder, tmp_path / "taken")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     export_model(folder, tmp_path / "out")

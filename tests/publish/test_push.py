@@ -281,7 +281,7 @@ def test_push_defaults_public_main_and_refuses_to_leak(tmp_path, fake_hub):
     # an allow-listed file holding the token stops the push before any file is sent
     fake_hub.requests.clear()
     (folder / "tokenizer_config.json").write_text(json.dumps({"hub_token": FAKE_TOKEN}))
-    with pytest.raises(ValueError, match="contains your Hub token") as err:
+    with pytest.raises(ValueError, match="contains a Hugging Face token") as err:
         push_folder(folder, "someone/emoji-clip")
     assert FAKE_TOKEN not in str(err.value) and fake_hub.requests == []
 
@@ -303,3 +303,58 @@ def test_training_config_with_secret_keys_is_not_uploaded(tmp_path, fake_hub, ca
     sent = {line["value"]["path"] for line in commit[1:]}
     assert sent == set(ALLOWED) - {"mmcl_training_config.yaml", "README.md"}
     assert "logging.wandb_api_key" in caplog.text and "sk-api-key-value" not in caplog.text
+
+
+def test_push_sends_only_regular_files_inside_the_folder(tmp_path, fake_hub, capsys):
+    """Links are never followed, whatever their name: vocab.txt -> a system file, a weights file
+    pointing outside, a module folder that is a link."""
+    folder = make_model_folder(tmp_path / "export")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shadow").write_text("root:secret-hash")
+    (outside / "config.json").write_text("{}")
+    (folder / "vocab.txt").unlink()
+    (folder / "vocab.txt").symlink_to("/etc/passwd")
+    (folder / "evil.safetensors").symlink_to(outside / "shadow")
+    (folder / "3_Extra").symlink_to(outside, target_is_directory=True)
+    modules = json.loads((folder / "modules.json").read_text()) + [{"idx": 3, "name": "3", "path": "3_Extra"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    chosen = select_files(folder)
+    assert "vocab.txt" not in chosen and "evil.safetensors" not in chosen and not any("3_Extra" in f for f in chosen)
+    assert main(["push", str(folder), "--repo-id", "someone/x", "--dry-run"]) == 0
+    said = capsys.readouterr().out
+    assert "vocab.txt (a link)" in said and "evil.safetensors (a link)" in said and "3_Extra (a link to a folder)" in said
+    assert fake_hub.requests == []  # a dry run sends nothing
+    push_folder(folder, "someone/x")
+    (commit,) = fake_hub.commits()
+    sent = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in commit[1:]}
+    assert set(sent) == set(ALLOWED) - {"vocab.txt", "README.md"}
+    assert not any(b"root:" in content or b"secret-hash" in content for content in sent.values())
+
+
+def test_a_broken_safetensors_file_or_a_token_shaped_string_stops_the_push(tmp_path, fake_hub):
+    folder = make_model_folder(tmp_path / "export")
+    good = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(good[:-2])  # its tensor runs past the end
+    with pytest.raises(ValueError, match=r"model.safetensors is not a valid safetensors file"):
+        push_folder(folder, "someone/x")
+    (folder / "model.safetensors").write_bytes(good)
+    other = "hf_" + "Z" * 30  # not the pushing token: any token-shaped string
+    (folder / "special_tokens_map.json").write_text(json.dumps({"note": other}))
+    with pytest.raises(ValueError, match=r"special_tokens_map.json contains a Hugging Face token"):
+        push_folder(folder, "someone/x")
+    assert fake_hub.requests == []
+
+
+def test_a_push_without_network_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = make_model_folder(tmp_path / "export")
+    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "mmcl.cli", "push", str(folder), "--repo-id", "someone/x"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[-1].startswith("mmcl push: error: could not push") and FAKE_TOKEN not in done.stderr + done.stdout
