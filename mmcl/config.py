@@ -61,7 +61,8 @@ class ModelConfig:
     # With a random-init text tower and no tokenizer, a byte-level BPE tokenizer of
     # `tokenizer_vocab_size` is trained on the training captions (seconds).
     tokenizer: str | None = option(None, "tokenizer folder / Hub id; empty: the text tower's own")
-    tokenizer_vocab_size: int = option(4000, "vocabulary of the tokenizer trained for a random-init text tower")
+    tokenizer_vocab_size: int = option(4000, "vocabulary of the tokenizer trained for a random-init text tower "
+                                             "(byte-level: at least 261, its 256 bytes and 5 special tokens)")
     image_processor: str | None = option(None, "image processor folder / Hub id; empty: the vision tower's own")
     image_size: int = option(224, "side of a built (not loaded) image processor's output")
     max_text_length: int = option(32, "captions are truncated to this many tokens")
@@ -92,6 +93,8 @@ class ModelConfig:
         "auto", "attention kernel of both towers (transformers' attn_implementation): auto | sdpa | eager | ...; "
                 "auto: eager on CPU under bf16 (half the step time of SDPA there), else SDPA (mmcl/training/auto.py)")
     trust_remote_code: bool = option(False, "let transformers run code shipped with a Hub model")
+    trust_backbone: bool = option(False, "let a model folder (init_from) name a backbone in your own code, which "
+                                         "is then imported (a config's own backbone is always trusted)")
 
     def vision_backbone(self) -> str | None:
         """The backbone (mmcl/backbones.py) the vision tower is, by `vision_model: backbone:NAME` or a
@@ -189,8 +192,12 @@ class TrainConfig:
     log_every: int = option(10, "log loss, lr, temperature, grad norm, samples/s every N steps")
     eval_every: int = option(200, "evaluate 'val' every N steps; 0: only at the end")
     checkpoint_every: int = option(200, "checkpoint every N steps; 0: none in between")
+    checkpoint_every_minutes: float = option(0.0, "also checkpoint when this many minutes passed since the last "
+                                                  "one; 0: off (SIGTERM / SIGINT / SIGUSR1 always checkpoint and stop)")
     keep_last: int = option(2, "checkpoints kept")
     resume: str | None = option(None, "'latest' or a checkpoint folder")
+    overwrite_output_dir: bool = option(False, "start over in an output_dir that holds an earlier run: removes what "
+                                               "that run wrote (checkpoints, logs, models), nothing else")
     max_bad_steps: int = option(10, "a non-finite loss or gradient norm skips that update; this many in a row "
                                     "stop the run (with a checkpoint of the last good state)")
     find_unused_parameters: bool = option(False, "DDP: a tower has parameters its pooling never uses (slower)")

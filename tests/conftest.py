@@ -48,7 +48,7 @@ def small_tokenizer(small_emoji, tmp_path_factory) -> Path:
     return path
 
 
-def save_tiny_model(folder: Path, words: str, vocab_size: int = 120) -> Path:
+def save_tiny_model(folder: Path, words: str, vocab_size: int = 300) -> Path:
     """A random tiny mmcl model folder (BERT + ViT towers of tests/test_model.py, 16 px images),
     with a tokenizer trained on `words` and an image processor beside it."""
     import torch
@@ -58,9 +58,10 @@ def save_tiny_model(folder: Path, words: str, vocab_size: int = 120) -> Path:
     from mmcl.towers.model import DualEncoder, DualEncoderConfig
     from tests.test_model import TEXT, VISION
 
+    tokenizer = train_tokenizer([words] * 5, vocab_size)  # byte-level: at least 261 tokens
     torch.manual_seed(0)
-    DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=vocab_size), VISION, projection_dim=8)).save_pretrained(folder)
-    train_tokenizer([words] * 5, vocab_size).save_pretrained(folder)
+    DualEncoder(DualEncoderConfig(dict(TEXT, vocab_size=len(tokenizer)), VISION, projection_dim=8)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     build_image_processor(ModelConfig(image_size=16)).save_pretrained(folder)
     return folder
 

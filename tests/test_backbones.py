@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmcl.towers.backbones import BACKBONES, Backbone, BackboneConfig, BackboneTower, pretrained_tower
+from mmcl.towers.backbones import BACKBONES, Backbone, BackboneConfig, BackboneTower, pretrained_tower, trust_backbone
 from mmcl.towers.build import build_image_processor, build_model, fit_text_config, train_tokenizer
 from mmcl.training.checkpoint import save_final
 from mmcl.config import Config, ConfigError, ModelConfig
@@ -89,6 +89,8 @@ def test_a_tiny_backbone_trains_and_locks_all_but_its_last_block(tmp_path, emoji
 
 
 def test_backbone_contract_errors_name_what_is_wrong():
+    for name in ("WRONG_WIDTH", "NOT_A_BACKBONE", "TINY"):  # the user's own code, trusted as --trust-backbone does
+        trust_backbone(f"tests.test_backbones:{name}")
     tower = BackboneTower(BackboneConfig(backbone="tests.test_backbones:WRONG_WIDTH"))
     with pytest.raises(ValueError, match=r"shape \(2, 8\); the contract is \(batch, 5\)"):
         tower(pixel_values=torch.zeros(2, 3, 20, 20))

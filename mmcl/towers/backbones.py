@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import efficientnet
 from ..config import BACKBONE_MODEL_TYPE as MODEL_TYPE
+from ..config import ConfigError
 from ..config import BACKBONE_PREFIX as PREFIX
 
 
@@ -52,14 +53,29 @@ class Backbone:
 BACKBONES: dict[str, Backbone] = {}
 
 
+_TRUSTED: set[str] = set()  # backbones in the user's own code that may be imported ("*": any)
+
+
+def trust_backbone(name: str = "*") -> None:
+    """Allow importing the backbone `name` (`package.module:attribute`; "*": any). A config names its
+    backbone itself (config files are the user's); a model folder or checkpoint is data, and the
+    backbone it names is imported only when the user says so (`--trust-backbone`,
+    `model.trust_backbone`), as transformers' `trust_remote_code`."""
+    _TRUSTED.add(name)
+
+
 def get_backbone(name: str) -> Backbone:
-    """A registered backbone, or the `Backbone` at `package.module:attribute`."""
+    """A registered backbone, or (when trusted: `trust_backbone`) the `Backbone` at `package.module:attribute`."""
     if name in BACKBONES:
         return BACKBONES[name]
     if ":" not in name:
         raise ValueError(f"unknown backbone {name!r}: use one of {', '.join(sorted(BACKBONES))} or "
                          "'package.module:attribute' naming a mmcl.towers.backbones.Backbone")
     module, _, attribute = name.partition(":")
+    if name not in _TRUSTED and "*" not in _TRUSTED:
+        raise ConfigError(f"the model names the backbone {name!r}, code that mmcl would import from your environment "
+                          f"(module {module!r}); mmcl imports a model's code only when you trust it: pass "
+                          "--trust-backbone (model.trust_backbone: true in a config), as transformers' trust_remote_code")
     spec = getattr(importlib.import_module(module), attribute, None)
     if not isinstance(spec, Backbone):
         raise ValueError(f"backbone {name!r}: {module}.{attribute} is not a mmcl.towers.backbones.Backbone")

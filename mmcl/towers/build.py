@@ -116,6 +116,10 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
     """The dual encoder `cfg` describes, with its towers frozen as configured; with a learned logit
     bias starting at `init_logit_bias` when the loss needs one (SigLIP), and an image–image head of
     width `image_ssl_dim` when the loss has SLIP's term."""
+    if cfg.trust_backbone:
+        backbones.trust_backbone()
+    if cfg.vision_backbone() and not cfg.init_from:
+        backbones.trust_backbone(cfg.vision_backbone())  # the config names it: the user's own code
     if cfg.init_from:
         model = load_initial_model(cfg)
         if init_logit_bias is not None:
@@ -230,6 +234,8 @@ def apply_attention(model: DualEncoder, cfg: ModelConfig) -> None:
     if not cfg.attn_implementation or cfg.attn_implementation == "auto":
         return
     for tower in (model.text_model, model.vision_model):
+        if not hasattr(tower, "set_attn_implementation"):  # a backbone tower (convolutions): no attention to set
+            continue
         try:
             tower.set_attn_implementation(cfg.attn_implementation)
         except (ValueError, ImportError, AttributeError) as error:

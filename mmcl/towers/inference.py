@@ -104,8 +104,10 @@ def load_encoder(name: str, trust_remote_code: bool = False) -> EncoderBundle:
     if (Path(name) / MODEL_CONFIG_NAME).is_file():
         tokenizer, image_processor = load_processors(name, trust_remote_code)
         max_length, padding = trained_text_inputs(name)
-        return EncoderBundle(DualEncoder.from_pretrained(name).eval(), tokenizer, image_processor, padding,
-                             max_length, name)
+        model = DualEncoder.from_pretrained(name).eval()
+        positions = model.config.text_config.get("max_position_embeddings")  # no longer text than the tower reads
+        max_length = min(max_length, positions) if isinstance(positions, int) else max_length
+        return EncoderBundle(model, tokenizer, image_processor, padding, max_length, name)
     model = load_hf_dual_encoder(name, SUPPORTED, trust_remote_code).eval()
     tokenizer, image_processor = load_processors(name, trust_remote_code)
     siglip = model.config.model_type.startswith("siglip")

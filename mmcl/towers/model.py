@@ -26,7 +26,7 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from ..artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME
+from ..artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME, scrub_secrets
 from .backbones import MODEL_TYPE, BackboneTower, tower_from_config
 
 
@@ -280,7 +280,7 @@ class DualEncoder(nn.Module):
             model.load_state_dict({k: _own_storage(v) for k, v in state_dict.items()}, assign=True)
         save_model(model, str(path / WEIGHTS_NAME))
         with open(path / MODEL_CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump(asdict(self.config), f, indent=2, default=str)
+            json.dump(scrub_secrets(asdict(self.config)), f, indent=2, default=str)  # nothing secret-looking
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "DualEncoder":

@@ -18,17 +18,20 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 
 from ..artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, explain_write_errors,
-                        folder_bytes, replace_dir, save_training_config, staging_dir, write_json)
+                        folder_bytes, replace_dir, save_training_config, scrub_config_files, staging_dir, write_json)
 from ..config import ConfigError
 from ..data.pairs import SkipCounter, Skipped
+from .state import TrainingState
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+EARLIER_SCRUB = re.compile(r"token(?!i[sz])", re.IGNORECASE)
 # Settings a resume may change: where and how often to log, evaluate, checkpoint and publish; how
 # long to train (with a constant schedule: a cosine one is drawn over train.max_steps); and the
 # options that take the same steps (tests/test_train.py SPEED_OPTIONS).
 # Any other change (model, loss, data, optimizer, batch) would make another run: it is refused.
-RESUMABLE_CHANGES = ("train.output_dir", "train.resume", "train.log_every", "train.eval_every",
-                     "train.checkpoint_every", "train.keep_last", "train.report_to", "train.progress_bar",
+RESUMABLE_CHANGES = ("train.output_dir", "train.resume", "train.overwrite_output_dir", "train.log_every",
+                     "train.eval_every", "train.checkpoint_every", "train.checkpoint_every_minutes", "train.keep_last",
+                     "train.report_to", "train.progress_bar",
                      "train.collective_timeout_s", "train.max_bad_steps", "train.max_steps", "train.optim",
                      "model.attn_implementation", "model.text_activation_checkpointing",
                      "model.vision_activation_checkpointing", "model.activation_checkpointing_policy",
@@ -69,6 +72,9 @@ def check_config(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path
 
     defaults = flatten(Config().to_dict())  # a key added since the checkpoint was written: it had the default
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    # before mmcl 0.2 the config kept in checkpoints lost every key with "token" in its last part
+    # (pad_token_id, eos_token_id: taken for credentials); such a key missing is no change
+    now = {k: v for k, v in now.items() if k in saved or not EARLIER_SCRUB.search(k.rpartition(".")[2])}
     cosine = saved.get("train.lr_scheduler") == "cosine"
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key)
                      and (not key.startswith(RESUMABLE_CHANGES) or (key == "train.max_steps" and cosine)))
@@ -89,9 +95,10 @@ def gather_skipped(skipped: SkipCounter) -> SkipCounter:
     return merged
 
 
-def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, skipped: SkipCounter,
-         stream: Any = None, extra: dict[str, Any] | None = None, size_hint: Callable[[], int] = lambda: 0) -> Path:
-    """Write the training state (model, optimizer, scheduler, RNG, every process's skipped
+def save(accelerator: Accelerator, training: TrainingState, output_dir: Path, step: int, keep_last: int,
+         skipped: SkipCounter, stream: Any = None, extra: dict[str, Any] | None = None,
+         size_hint: Callable[[], int] = lambda: 0) -> Path:
+    """Write the training state (`training`: model, optimizer, scheduler, RNG; every process's skipped
     rows and position in a training stream, and `extra`) at `step`, atomically. A full disk or an
     unwritable folder raises `SaveError`, naming the bytes needed (the last checkpoint's size, else
     `size_hint()`), and leaves the earlier checkpoints as they were."""
@@ -104,7 +111,10 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep_last: int, 
     accelerator.wait_for_everyone()
     try:
         with explain_write_errors(final, lambda: folder_bytes(previous) if previous else size_hint(), previous):
-            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            training.save(tmp, accelerator)
             if stream is not None:  # every process is at its own place in the stream
                 with open(tmp / f"stream_state_{accelerator.process_index}.json", "w", encoding="utf-8") as f:
                     json.dump(stream.state_dict(), f)
@@ -137,17 +147,6 @@ def frozen_fingerprint(model: torch.nn.Module) -> str | None:
     return digest.hexdigest()
 
 
-def drop_frozen(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
-    """An `accelerator.register_save_state_pre_hook`: a checkpoint holds what trains (and the
-    buffers), not the frozen weights, which a resume rebuilds from the config (a locked or LoRA
-    tower's pretrained weights: the same bytes, checked by `frozen_fingerprint`)."""
-    for model, state in zip(models, weights):
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if not param.requires_grad:  # the state dict may name it with or without DDP's "module."
-                state.pop(name, None)
-                state.pop(name.removeprefix("module."), None)
-
-
 def check_frozen(folder: Path, model: torch.nn.Module, saved: str | None, now: str) -> None:
     """Before a resume that rebuilt the frozen weights: they are those the checkpoint trained with,
     and the checkpoint has every weight that trains."""
@@ -166,11 +165,27 @@ def check_frozen(folder: Path, model: torch.nn.Module, saved: str | None, now: s
                               "it saved with other model.lora or lock settings?)")
 
 
-def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: Any = None,
-         whole_model: bool = True) -> dict[str, Any]:
-    """Restore the training state; returns the saved state (its "step" is where to continue).
-    `whole_model` False: the checkpoint left the frozen weights out (`drop_frozen`, `check_frozen`)."""
-    accelerator.load_state(str(folder), strict=whole_model)
+def load(accelerator: Accelerator, training: TrainingState, folder: Path, skipped: SkipCounter,
+         stream: Any = None) -> dict[str, Any]:
+    """Restore the training state; returns the saved state (its "step" is where to continue). A file
+    that is not what mmcl wrote there (damaged, replaced) stops the resume with one line naming the
+    folder; nothing in it is unpickled."""
+    from safetensors import SafetensorError
+
+    earlier = [p for p in checkpoints(folder.parent.parent) if p.name < folder.name]
+    instead = (f"resume from the one before it with --train.resume={earlier[-1]}" if earlier else
+               "start a new run (--train.overwrite_output_dir=true)")
+    if not any((folder / name).is_file() for name in ("optimizer.safetensors", "optimizer.bin")):
+        raise ConfigError(f"train.resume: {folder} is incomplete (it has no optimizer state); {instead}")
+    try:
+        training.load(folder, accelerator)
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError, RuntimeError) as err:
+        if isinstance(err, torch.distributed.DistError):
+            raise
+        raise ConfigError(f"train.resume: {folder} cannot be restored ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:160]}); {instead}") from err
     if stream is not None:
         path = folder / f"stream_state_{accelerator.process_index}.json"
         if not path.is_file():
@@ -187,9 +202,15 @@ def load(accelerator: Accelerator, folder: Path, skipped: SkipCounter, stream: A
 
 
 def read_state(folder: Path) -> dict[str, Any]:
-    """What mmcl keeps in a checkpoint besides Accelerate's state (step, config, ...)."""
-    with open(folder / STATE_NAME, encoding="utf-8") as f:
-        return json.load(f)
+    """What mmcl keeps in a checkpoint besides the training state (step, config, ...)."""
+    try:
+        state = json.loads((folder / STATE_NAME).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step in it")
+        return state
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"train.resume: {folder / STATE_NAME} is not the JSON mmcl wrote there ({type(err).__name__}: "
+                          f"{str(err)[:120]}); resume from another checkpoint, or start a new run") from None
 
 
 def set_aside_newer(folder: Path, step: int, accelerator: Accelerator) -> None:
@@ -211,10 +232,11 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: dict[st
     def weights() -> int:
         return sum(t.numel() * t.element_size() for t in (state_dict or model.state_dict()).values())
 
-    with explain_write_errors(final, weights, final), atomic_dir(final) as tmp:
+    with explain_write_errors(final, weights, final), atomic_dir(final, kind="model") as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         image_processor.save_pretrained(tmp)
         save_training_config(tmp, config)  # nothing secret-looking
         if info:
             write_json(tmp / INFO_NAME, info)
+        scrub_config_files(tmp)

@@ -9,15 +9,18 @@ touches; this module never imports the loop.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ..artifacts import BEST_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, PROCESSOR_DIR, RunLock, restore_aside, scrub_secrets
+from ..artifacts import (BEST_DIR, CHECKPOINTS_DIR, EXPORT_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME,
+                         PROCESSOR_DIR, RunLock, check_output_folder, folder_sha256, mark_folder, restore_aside,
+                         scrub_secrets)
 from ..config import Config, ConfigError, EvalSpec, LossConfig, ModelConfig, TrainConfig
 from ..data.loader import TrainBatches, build_stream, build_train_loader, load_train_dataset, train_captions
 from ..data.pairs import PairCollator, PairRecipe, SkipCounter
@@ -30,6 +33,7 @@ from . import checkpoint as ckpt
 from .auto import detect_device, resolve_auto, sharded_launch
 from .launch import build_accelerator, claim_output_dir, is_sharded
 from .optimization import build_optimizer, build_scheduler
+from .state import TrainingState
 from .tracking import build_trackers, flatten
 
 
@@ -46,6 +50,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     objective: Objective
+    training: TrainingState  # what a checkpoint saves and restores
     batches: TrainBatches
     bundle: EncoderBundle
     evals: dict[str, tuple[EvalSpec, Any]]
@@ -53,6 +58,7 @@ class Run:
     config: dict[str, Any]
     geometry: dict[str, Any]
     frozen: str | None  # SHA-256 of the frozen weights (checkpoints leave them out); None when all train
+    processors: str  # SHA-256 of the tokenizer and image processor files: a resume must have the same
     skipped: SkipCounter
     resumed: dict[str, Any] | None = None
 
@@ -67,10 +73,7 @@ def setup(config: Config, lock: RunLock) -> Run:
     acc = build_accelerator(t, build_trackers(t.report_to, output_dir))
     for line in chosen:
         acc.print(f"auto: {line}")
-    claim_output_dir(lock, acc)
-    if acc.is_main_process:  # a run killed while replacing its best or final model left it set aside
-        for name in (BEST_DIR, FINAL_DIR):
-            restore_aside(output_dir / name)
+    claim_output_dir(lock, acc, lambda: prepare_output_dir(output_dir, resume_dir, t.overwrite_output_dir))
     check_sharding(config.model, config.loss, acc)
     set_seed(t.seed, deterministic=t.deterministic)
     # 2. data and evaluation sets (a bad column fails now, not after an hour of training)
@@ -101,24 +104,46 @@ def setup(config: Config, lock: RunLock) -> Run:
         prepared_model, optimizer, loader = acc.prepare(model, optimizer, loader)
         batches = TrainBatches(acc, loader=loader, accumulation=t.gradient_accumulation_steps)
         check_one_batch(batches, len(train_ds), config.data.train, t, acc)
-    acc.register_for_checkpointing(scheduler)
     frozen = None if is_sharded(acc) else ckpt.frozen_fingerprint(model)
-    if frozen:  # checkpoints hold what trains; a resume rebuilds the rest from the config
-        acc.register_save_state_pre_hook(ckpt.drop_frozen)
     # 7. objective (runs the prepared model; its queue copies it)
     objective = build_objective(config.loss, prepared_model, acc)
-    if objective.has_state():  # a queue and its momentum copy: checkpointed with the rest
-        acc.register_for_checkpointing(objective)
+    # what checkpoints keep: with frozen weights, what trains (a resume rebuilds the rest from the config)
+    training = TrainingState(prepared_model, optimizer, scheduler, objective if objective.has_state() else None,
+                             saved_tensors(model) if frozen else None)
     bundle = EncoderBundle(prepared_model, tokenizer, image_processor, config.model.text_padding,
                            config.model.max_text_length)
-    run = Run(acc, output_dir, prepared_model, optimizer, scheduler, objective, batches, bundle, evals, retention,
-              scrub_secrets(config.to_dict()), geometry(t, config.data.streaming, acc), frozen, SkipCounter())
+    run = Run(acc, output_dir, prepared_model, optimizer, scheduler, objective, training, batches, bundle, evals,
+              retention, scrub_secrets(config.to_dict()), geometry(t, config.data.streaming, acc), frozen,
+              folder_sha256(output_dir / PROCESSOR_DIR), SkipCounter())
     # 8. resume, or a fresh log
     if resume_dir is not None:
         run.resumed = resume(run, resume_dir, acc.unwrap_model(prepared_model))
     elif acc.is_main_process:  # a resumed run appends to its log
         (output_dir / LOGS_DIR / LOG_NAME).unlink(missing_ok=True)
     return run
+
+
+RUN_OUTPUTS = (CHECKPOINTS_DIR, PROCESSOR_DIR, LOGS_DIR, FINAL_DIR, BEST_DIR, EXPORT_DIR, METRICS_NAME,
+               "training_curves.png")  # what a run writes into its folder: all that overwrite_output_dir removes
+
+
+def prepare_output_dir(folder: Path, resume_dir: Path | None, overwrite: bool) -> None:
+    """The run folder may hold only what mmcl wrote; a new run does not mix into an earlier run's
+    checkpoints (`train.resume` continues it, `train.overwrite_output_dir` starts over, removing what
+    that run wrote and nothing else). Then the folder is marked as mmcl's, and a best or final model a
+    killed run left set aside is put back."""
+    check_output_folder(folder, overwrite, "--train.overwrite_output_dir=true")
+    if resume_dir is None and ckpt.checkpoints(folder) and not overwrite:
+        raise ConfigError(f"{folder} holds the checkpoints of an earlier run (up to {ckpt.checkpoints(folder)[-1].name}): "
+                          "continue it with --train.resume=latest, or start over with "
+                          "--train.overwrite_output_dir=true (removes what that run wrote)")
+    if overwrite and resume_dir is None:
+        for name in RUN_OUTPUTS:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    mark_folder(folder, "run")
+    for name in (BEST_DIR, FINAL_DIR):
+        restore_aside(folder / name)
 
 
 def resolve_run_auto(config: Config, resume_dir: Path | None) -> list[str]:
@@ -180,6 +205,12 @@ def check_sharding(model: ModelConfig, loss: LossConfig, acc: Accelerator) -> No
                           "DeepSpeed set loss.momentum=0 (a queue of the model's own embeddings) or use DDP")
 
 
+def saved_tensors(model: torch.nn.Module) -> Callable[[str], bool]:
+    """Which of the model's tensors a checkpoint writes: the parameters that train, and the buffers."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return names.__contains__
+
+
 def geometry(t: TrainConfig, streaming: bool, acc: Accelerator) -> dict[str, Any]:
     """What decides which examples a step reads: a resume must keep it."""
     return {"num_processes": acc.num_processes, "per_device_batch_size": t.per_device_batch_size,
@@ -194,7 +225,11 @@ def resume(run: Run, folder: Path, model: torch.nn.Module) -> dict[str, Any]:
     ckpt.check_config(saved.get("config"), flatten(run.config), folder)
     if run.frozen:
         ckpt.check_frozen(folder, model, saved.get("frozen_sha256"), run.frozen)
-    return ckpt.load(run.accelerator, folder, run.skipped, run.batches.stream, whole_model=run.frozen is None)
+    if saved.get("processors_sha256") not in (None, run.processors):
+        raise ConfigError(f"train.resume: the tokenizer or image processor in {run.output_dir / PROCESSOR_DIR} is "
+                          f"not the one {folder} was trained with (another run wrote its own there?): put that run's "
+                          "processor folder back, or start a new run in another train.output_dir")
+    return ckpt.load(run.accelerator, run.training, folder, run.skipped, run.batches.stream)
 
 
 def check_geometry(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path) -> None:

@@ -1,17 +1,16 @@
 """`python -m mmcl.cli` whose files cannot grow past $MMCL_FSIZE bytes from its $MMCL_FSIZE_AT-th
 checkpoint on, for tests/faults/test_disk_full.py: RLIMIT_FSIZE with SIGXFSZ ignored, so a write
-past it fails (EFBIG) inside whichever writer makes it: safetensors, torch.save or Python's."""
+past it fails (EFBIG) inside whichever writer makes it: safetensors' or Python's."""
 
 import os
 import resource
 import signal
 
-from accelerate import Accelerator
-
 from mmcl.cli import run
+from mmcl.training.state import TrainingState
 
 LIMIT, AT = int(os.environ["MMCL_FSIZE"]), int(os.environ["MMCL_FSIZE_AT"])
-save_state, calls = Accelerator.save_state, []
+save_state, calls = TrainingState.save, []
 
 
 def limited(self, *args, **kwargs):
@@ -22,5 +21,5 @@ def limited(self, *args, **kwargs):
     return save_state(self, *args, **kwargs)
 
 
-Accelerator.save_state = limited
+TrainingState.save = limited
 run()

@@ -2,7 +2,7 @@
 tests/faults/test_kill_anywhere.py: the $MMCL_KILL_AT-th event of kind $MMCL_KILL_PHASE of this process,
 
   step        after a micro-batch's optimizer step, before the scheduler step and the step count
-  checkpoint  after Accelerate wrote a checkpoint's files, before mmcl marks it complete and renames it
+  checkpoint  after the training state's files were written, before mmcl marks it complete and renames it
   eval        after an evaluation computed its metrics, before they are logged or a best model is saved
   write       inside a checkpoint file's write: the weights or optimizer file is cut to half its bytes
   rename      just before one of mmcl's renames (a checkpoint into place; a best or final model set aside
@@ -15,14 +15,12 @@ import json
 import os
 import signal
 
-import accelerate.checkpointing
-from accelerate import Accelerator
-
 import mmcl.artifacts
 import mmcl.evaluation.evaluators as evaluators
 from mmcl.cli import run
 from mmcl.towers.model import DualEncoder
 from mmcl.training import loop as train_module
+from mmcl.training import state as state_module
 from mmcl.training.tracking import JsonlTracker
 
 PHASE, AT = os.environ["MMCL_KILL_PHASE"], int(os.environ["MMCL_KILL_AT"])
@@ -51,8 +49,8 @@ def after(phase, function):
 
 
 def cut_in_half(save):
-    def wrapped(obj, f, *args, **kwargs):
-        result = save(obj, f, *args, **kwargs)
+    def wrapped(tensors, f, *args, **kwargs):
+        result = save(tensors, f, *args, **kwargs)
         if due("write"):
             os.truncate(f, os.path.getsize(f) // 2)
             kill()
@@ -85,8 +83,8 @@ def torn_log(log):
 
 train_module.training_step = after("step", train_module.training_step)
 evaluators.run_eval = after("eval", evaluators.run_eval)
-Accelerator.save_state = after("checkpoint", Accelerator.save_state)
-accelerate.checkpointing.save = cut_in_half(accelerate.checkpointing.save)
+state_module.TrainingState.save = after("checkpoint", state_module.TrainingState.save)
+state_module.save_file = cut_in_half(state_module.save_file)
 mmcl.artifacts.os = KillingOs()
 JsonlTracker.log = torn_log(JsonlTracker.log)
 DualEncoder.save_pretrained = after("model", DualEncoder.save_pretrained)

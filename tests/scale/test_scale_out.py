@@ -146,10 +146,13 @@ def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process_and_resumes_exactly(tmp
     assert best.keys() == final(tmp_path / "fsdp").keys()
     assert json.loads((tmp_path / "fsdp" / "best" / "mmcl_info.json").read_text())["step"] in (3, 6)
 
-    # the checkpoint is FSDP's sharded one: a part per process, no full copy
+    # the checkpoint gathers the shards into safetensors and JSON (no pickle: DCP's .metadata is one),
+    # with each process's random state
     step3 = tmp_path / "fsdp" / "checkpoints" / "step-00000003"
-    assert sorted(p.name for p in (step3 / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    assert not (step3 / "model.safetensors").exists()
+    names = sorted(p.name for p in step3.iterdir())
+    assert {"model.safetensors", "optimizer.safetensors", "rng_0.safetensors", "rng_1.safetensors"} <= set(names)
+    assert not [n for n in names if n.endswith((".bin", ".pkl", ".pt", ".distcp", ".metadata"))], names
+    assert load_file(step3 / "model.safetensors").keys() == final(tmp_path / "fsdp").keys()
 
     # LiT: the locked text layers did not move, the unlocked last one and the vision tower did
     start, end = initial_weights(small_tokenizer, *LIT), final(tmp_path / "fsdp")
