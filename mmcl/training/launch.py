@@ -12,7 +12,7 @@ import os
 import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -146,13 +146,15 @@ def release_reducer(model: torch.nn.Module) -> None:
         del model.reducer
 
 
-def claim_output_dir(lock: RunLock, acc: Accelerator) -> None:
-    """The main process locks the output folder; when another run holds it, every process stops."""
+def claim_output_dir(lock: RunLock, acc: Accelerator, check: Callable[[], None] = lambda: None) -> None:
+    """The main process locks the output folder, then runs `check` (may this run write there?); when
+    another run holds the folder or `check` refuses, every process stops with the same error."""
     outcome: list[Any] = [None, None]  # (the error, a warning)
     if acc.is_main_process:
         try:
             outcome = [None, lock.acquire()]
-        except OSError as error:  # in use; or the folder cannot be written: every process stops, not only this one
+            check()
+        except (OSError, ConfigError) as error:  # in use, unwritable, refused: every process stops, not only this one
             lock.release()
             outcome = [error, None]
     error, warning = broadcast_object_list(outcome)

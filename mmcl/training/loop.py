@@ -25,6 +25,7 @@ from ..towers.lora import merged_weights, parameter_counts
 from ..towers.model import DualEncoder
 from . import checkpoint as ckpt
 from .launch import check_lost_process, full_value, is_sharded, peak_memory_mb, release_reducer, whole
+from .signals import StopRequests
 from .throughput import Throughput
 from .tracking import RunTotals, Window, flatten, progress_bar
 
@@ -101,12 +102,12 @@ class Trainer:
         run = self.run
         return {"best": self.best, "geometry": run.geometry, "bad_steps": self.bad_steps,
                 "overflow_steps": self.overflow_steps, "retention_base": run.retention.base,
-                "config": flatten(run.config), "frozen_sha256": run.frozen}
+                "config": flatten(run.config), "frozen_sha256": run.frozen, "processors_sha256": run.processors}
 
     def checkpoint(self) -> Path:
         """The training state at this step (`mmcl.training.checkpoint.save`; frozen weights left out)."""
-        return ckpt.save(self.accelerator, self.output_dir, self.step, self.cfg.keep_last, self.run.skipped,
-                         self.run.batches.stream, self.state(), self.state_bytes)
+        return ckpt.save(self.accelerator, self.run.training, self.output_dir, self.step, self.cfg.keep_last,
+                         self.run.skipped, self.run.batches.stream, self.state(), self.state_bytes)
 
     def state_bytes(self) -> int:
         """About what a checkpoint takes: the trained weights and their two AdamW moments (and the
@@ -205,6 +206,15 @@ class Trainer:
         bar = progress_bar(tcfg, acc, initial=self.step)
         start, window, step_values = time.perf_counter(), Window(), {}
         batches = self.run.batches.after(self.step + self.bad_steps + self.overflow_steps)  # a skipped update read its batch too
+        with StopRequests(acc, tcfg.checkpoint_every_minutes) as stops:
+            self.steps(batches, window, step_values, stops, bar)
+        bar.close()
+        return self.finish(time.perf_counter() - start)
+
+    def steps(self, batches: Iterator[dict[str, Any]], window: Window, step_values: dict[str, Any],
+              stops: StopRequests, bar: Any) -> None:
+        """Optimizer steps until train.max_steps, or until a stop signal (after a checkpoint)."""
+        tcfg, acc = self.cfg, self.accelerator
         while self.step < tcfg.max_steps:
             step = self.training_step(self.next_batch(batches, window))
             for name, value in {"loss": step.loss, **step.terms}.items():  # no .item(): no device sync
@@ -235,11 +245,13 @@ class Trainer:
             paused = time.perf_counter()
             if self.step < tcfg.max_steps:
                 self.evaluate()
-            if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0:
-                self.checkpoint()
+            signum, timed = stops.due()  # every process: the same answer
+            if signum or timed or (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0):
+                folder = self.checkpoint()
+                stops.checkpointed()
+                if signum:
+                    raise stops.stop(self.step, folder)
             window.exclude(time.perf_counter() - paused)  # evaluation and checkpoint time is not training time
-        bar.close()
-        return self.finish(time.perf_counter() - start)
 
     def next_batch(self, batches: Iterator[dict[str, Any]], window: Window) -> dict[str, Any]:
         """The next batch, the time spent waiting for it counted in the window; on the first, the
