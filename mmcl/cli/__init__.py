@@ -50,14 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False):
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "trust_backbone", False):
+            from ..towers.backbones import trust_backbone
+
+            trust_backbone()
         return args.func(args, extra)
     except USER_ERRORS as err:
         message = " ".join(str(err).split()) or type(err).__name__  # one line
         print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
         return 2
-    except StopError as err:  # a lost process, non-finite steps, a full disk, forgetting
+    except StopError as err:  # a lost process, non-finite steps, a full disk, forgetting, a stop signal
         print(f"{args.parser.prog}: error: {err}", file=sys.stderr, flush=True)
-        return 1
+        return getattr(err, "exit_status", 1)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints and stops on its own)
+        print(f"{args.parser.prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def run() -> NoReturn:

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..artifacts import check_model_reference
+from ..config import ConfigError
+from .common import trust_backbone_argument
 
 
 def _labels(args: argparse.Namespace) -> list[str]:
@@ -20,6 +22,14 @@ def _labels(args: argparse.Namespace) -> list[str]:
     if not labels:
         args.parser.error("the label list is empty")
     return labels
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def predict(args: argparse.Namespace, extra: list[str]) -> int:
@@ -36,6 +46,9 @@ def predict(args: argparse.Namespace, extra: list[str]) -> int:
     if args.output:
         write_predictions(rows, Path(args.output))
         print(f"predictions: {args.output}")
+    unreadable = sum("error" in row for row in rows)
+    if unreadable == len(rows):
+        raise ConfigError(f"none of the {len(rows)} image(s) could be read (corrupt, or not an image): nothing predicted")
     return 0
 
 
@@ -85,15 +98,17 @@ MODEL_HELP = "an mmcl folder, or a CLIP / SigLIP / VisionTextDualEncoder folder 
 def register(sub: Any) -> None:
     p = sub.add_parser("predict", help="zero-shot classify image files or folders against labels")
     p.add_argument("model", help=MODEL_HELP)
+    trust_backbone_argument(p)
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="one label per line (or a JSON list)")
     p.add_argument("--templates", default="simple", help="simple | ensemble | name | a file")
-    p.add_argument("--top-k", type=int, default=5, help="labels shown per image")
+    p.add_argument("--top-k", type=positive, default=5, help="labels shown per image")
     p.add_argument("--output", help="write predictions to .csv or .json")
     p.set_defaults(func=predict, parser=p)
     e = sub.add_parser("embed", help="write image and/or text embeddings of a dataset or folder")
     e.add_argument("model", help=MODEL_HELP)
+    trust_backbone_argument(e)
     e.add_argument("source", help="an image folder or any data source mmcl train accepts")
     e.add_argument("--output", required=True, help=".npz or .parquet")
     e.add_argument("--what", choices=("image", "text", "both"), default="both")
@@ -104,15 +119,17 @@ def register(sub: Any) -> None:
     e.set_defaults(func=embed, parser=e)
     s = sub.add_parser("search", help="text -> images over a folder (embeddings cached)")
     s.add_argument("model", help=MODEL_HELP)
+    trust_backbone_argument(s)
     s.add_argument("folder", help="a folder of images")
     s.add_argument("queries", nargs="+", help="one or more text queries")
-    s.add_argument("--top-k", type=int, default=5, help="matches shown per query")
+    s.add_argument("--top-k", type=positive, default=5, help="matches shown per query")
     s.add_argument("--sheet", help="write a contact-sheet PNG of the matches")
     s.set_defaults(func=search, parser=s)
     d = sub.add_parser("demo", help="a local web page: zero-shot with typed labels, and text search over a folder",
                        description="mmcl demo MODEL [--images FOLDER] [--port 7860]: serves a page on "
                                    "http://127.0.0.1:PORT (gradio; pip install \"mmcl[demo]\"). Offline, no telemetry.")
     d.add_argument("model", help=MODEL_HELP)
+    trust_backbone_argument(d)
     d.add_argument("--images", help="a folder of images: text search over it, and images to pick")
     d.add_argument("--port", type=int, default=7860)
     d.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")

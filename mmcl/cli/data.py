@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .common import trust_backbone_argument
+
 
 def _source(args: argparse.Namespace) -> Any:
     from ..config import SourceSpec
@@ -92,6 +94,7 @@ def register(sub: Any) -> None:
     _source_arguments(parser)
     parser.add_argument("--model", required=True, help="the model that embeds the images: an mmcl folder, or a "
                                                        "CLIP / SigLIP / VisionTextDualEncoder folder or Hub id")
+    trust_backbone_argument(parser)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument("--k", type=int, default=4, help="negatives per row (fewer when too few images differ)")
     parser.add_argument("--column", default="hard_negatives", help="name of the new list-of-captions column")

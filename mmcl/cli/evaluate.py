@@ -7,6 +7,8 @@ import dataclasses
 import json
 from typing import Any
 
+from .common import trust_backbone_argument
+
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     from ..artifacts import check_model_reference
@@ -54,6 +56,7 @@ def register(sub: Any) -> None:
                                         "an mmcl folder or a CLIPModel / SiglipModel / VisionTextDualEncoderModel "
                                         "folder or Hub id.")
     parser.add_argument("model")
+    trust_backbone_argument(parser)
     for f in dataclasses.fields(EvalSpec):  # every EvalSpec key is a flag: --label-column, --templates, ...
         if f.name != "every":
             parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import torch
 
-from ..config import DataConfig, LossConfig
+from ..config import ConfigError, DataConfig, LossConfig
 from .augment import Augment, build_augment
 if TYPE_CHECKING:  # `datasets` (with pyarrow and pandas) is a large import: only what reads data pays it
     import datasets
@@ -91,6 +91,10 @@ class Skipped(NamedTuple):
     reason: str
 
 
+class UnreadableRows(ConfigError):
+    """Every row tried for one example was bad: the data, not one file, is broken."""
+
+
 @dataclass
 class SkipCounter:
     """Counts unreadable rows once each (a bad row is met again every epoch)."""
@@ -163,8 +167,9 @@ class PairDataset(torch.utils.data.Dataset):
                 skipped.append(Skipped(row, source, f"{type(err).__name__}: {err}"[:200]))
                 continue
             return {**item, "skipped": skipped}
-        raise RuntimeError(f"{self.max_tries} consecutive unreadable rows from row {index}; "
-                           f"first: {skipped[0].source} ({skipped[0].reason})")
+        raise UnreadableRows(f"data: {self.max_tries} consecutive rows from row {index} could not be read (of "
+                             f"{len(self.ds)}); first: {skipped[0].source} ({skipped[0].reason}); `mmcl data check` "
+                             "lists each bad row")
 
 
 @dataclass

@@ -132,6 +132,8 @@ def _load(source: SourceSpec, cache_dir: str | None, emoji_image_size: int) -> d
             return _pick_split(datasets.load_dataset("imagefolder", data_dir=name), split, name)
         case "file":
             path = Path(name)
+            if path.stat().st_size == 0:
+                raise ConfigError(f"{path} is empty (0 bytes): give a file with a header and one row per image")
             kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
             try:
                 ds = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=name, split="train", **kwargs)
@@ -145,7 +147,12 @@ def _load(source: SourceSpec, cache_dir: str | None, emoji_image_size: int) -> d
         case "webdataset":
             raise ConfigError(f"{name}: WebDataset shards are read as a stream; set data.streaming: true")
         case _:
-            return datasets.load_dataset(name, source.dataset_config, split=split)
+            try:
+                return datasets.load_dataset(name, source.dataset_config, split=split)
+            except (ConnectionError, FileNotFoundError) as err:  # offline, no network, no such dataset
+                raise ConfigError(f"{name}: not a local file or folder, and the Hub dataset cannot be loaded "
+                                  f"({' '.join(str(err).split())[:160]}); check the name, the network, and "
+                                  "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE") from err
 
 
 def first_bad_line(path: Path) -> str | None:

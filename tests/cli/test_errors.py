@@ -43,7 +43,7 @@ CASES = [
     (["train", str(DEBUG_CONFIG), "--train.max_step=3"],
      "mmcl train: error: unknown config key 'train.max_step': did you mean 'max_steps'?"),
     (["train", str(DEBUG_CONFIG), "--train.mixed_precision=fp8"],
-     "mmcl train: error: 'train.mixed_precision' is 'fp8'; choose one of no, bf16, fp16"),
+     "mmcl train: error: 'train.mixed_precision' is 'fp8'; choose one of auto, no, bf16, fp16"),
     (["train", "--max_steps=3"], "mmcl train: error: 'max_steps' needs a section, e.g. --train.max_steps"),
     # an override whose value has spaces is still an override (argparse alone would take it for the config file)
     (["train", str(DEBUG_CONFIG), "--data.augment_options={{blurr: 0.5, flip: true}}"],
@@ -51,6 +51,22 @@ CASES = [
     (["train", "--model.vision_model=backbone:resnet9000"], "mmcl train: error: model.vision_model / vision_config: "
                                                              "unknown backbone 'resnet9000': use one of efficientnet-lite0"),
     (["trian"], "mmcl: error: argument COMMAND: invalid choice: 'trian'"),
+    # a folder whose config.json has no model_type, and one that asks to run its own code (auto_map)
+    (["eval", "nomodeltype", "--dataset", "pairs.csv"], "mmcl eval: error: nomodeltype: cannot load its config"),
+    (["predict", "nomodeltype", "imgs", "--labels", "a,b"], "mmcl predict: error: nomodeltype: cannot load its config"),
+    (["demo", "nomodeltype"], "mmcl demo: error: nomodeltype: cannot load its config"),
+    (["data", "mine-negatives", "pairs.csv", "--model", "nomodeltype", "--out", "mined"],
+     "mmcl data mine-negatives: error: nomodeltype: cannot load its config"),
+    (["eval", "remotecode", "--dataset", "pairs.csv"], "mmcl eval: error: remotecode: cannot load its config"),
+    # a 0-byte CSV
+    (["train", str(DEBUG_CONFIG), "--data.train=empty.csv"], "mmcl train: error: empty.csv is empty (0 bytes)"),
+    (["data", "convert", "empty.csv", "out", "--to", "hf"], "mmcl data convert: error: empty.csv is empty (0 bytes)"),
+    # a Hub dataset while offline (the tests run with HF_DATASETS_OFFLINE=1)
+    (["train", str(DEBUG_CONFIG), "--data.train=someone/some-dataset"],
+     "mmcl train: error: someone/some-dataset: not a local file or folder, and the Hub dataset cannot be loaded"),
+    # every image unreadable; a top-k of 0
+    (["predict", "{model}", "badimgs", "--labels", "a,b"], "mmcl predict: error: none of the 1 image(s) could be read"),
+    (["search", "{model}", "imgs", "red", "--top-k", "0"], "mmcl search: error: argument --top-k: must be at least 1"),
 ]
 
 
@@ -64,6 +80,13 @@ def workdir(tmp_path_factory):
     (root / "bad.yaml").write_text("train:\n  max_steps: [1, 2\n")
     (root / "notamodel").mkdir()
     (root / "notamodel" / "notes.txt").write_text("not a model")
+    (root / "nomodeltype").mkdir()
+    (root / "nomodeltype" / "config.json").write_text("{}")
+    (root / "remotecode").mkdir()
+    (root / "remotecode" / "config.json").write_text('{"model_type": "mine", "auto_map": {"AutoConfig": "conf.Mine"}}')
+    (root / "empty.csv").write_text("")
+    (root / "badimgs").mkdir()
+    (root / "badimgs" / "broken.png").write_bytes(b"not a png")
     return root
 
 
@@ -88,3 +111,10 @@ def test_each_mistake_is_one_clean_line_and_exit_status_2(workdir):
             problems.append(f"mmcl {' '.join(argv)} -> exit {done.returncode}:\n{done.stderr[-1500:]}")
     assert not problems, "\n\n".join(problems)
     assert len(CASES) >= 15
+
+
+def test_data_check_reports_an_unreadable_file_in_its_verdict(workdir):
+    """`mmcl data check` is the report: a file it cannot read is its finding (exit 1), not a usage error."""
+    done = run(["data", "check", "empty.csv"], workdir)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-1500:]
+    assert "error: empty.csv is empty (0 bytes)" in done.stdout and done.stdout.rstrip().endswith("verdict: CANNOT TRAIN")

@@ -21,7 +21,7 @@ def test_train_help_lists_every_config_key_with_its_help(capsys):
         for f in dataclasses.fields(getattr(Config(), section.name)):
             assert f"{section.name}.{f.name} (" in text, f.name
             assert " ".join(f.metadata["help"].split()) in text, f.name
-    assert "train.mixed_precision (no|bf16|fp16 = 'no')" in text
+    assert "train.mixed_precision (auto|no|bf16|fp16 = 'auto')" in text
     assert "averages gradients over micro-batches; adds NO negatives" in text
 
 

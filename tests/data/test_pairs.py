@@ -112,6 +112,7 @@ def test_training_run_counts_a_bad_image(tmp_path, emoji_cache):
     config = load_config(None, [f"--train.output_dir={tmp_path / 'run'}", f"--data.train={tmp_path / 'pairs.csv'}",
                                 "--data.validation=null", "--train.max_steps=6", "--train.per_device_batch_size=8",
                                 "--train.checkpoint_every=0", "--train.progress_bar=false",
-                                "--model.text_config.num_hidden_layers=1", "--model.vision_config.num_hidden_layers=1"])
+                                "--model.text_config.num_hidden_layers=1", "--model.vision_config.num_hidden_layers=1",
+                                "--train.mixed_precision=no"])  # one precision per process (Accelerate)
     metrics = train(config)
     assert metrics["train/skipped_images"] == 1.0

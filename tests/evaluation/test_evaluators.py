@@ -35,7 +35,9 @@ class ColorOracle(torch.nn.Module):
     def __init__(self, tokenizer):
         super().__init__()
         self.logit_scale = torch.nn.Parameter(torch.tensor(4.6))
-        self.word_to_rgb = {tokenizer.convert_tokens_to_ids(w): torch.tensor(c, dtype=torch.float) - 127.5
+        tokens = {w: tokenizer.tokenize(w) for w in COLORS}  # byte-level: " red" -> ["Ġred"]
+        assert all(len(t) == 1 for t in tokens.values()), tokens
+        self.word_to_rgb = {tokenizer.convert_tokens_to_ids(tokens[w][0]): torch.tensor(c, dtype=torch.float) - 127.5
                             for w, c in COLORS.items()}
 
     def get_image_features(self, pixel_values):
@@ -56,7 +58,7 @@ class ColorOracle(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def oracle():
-    tokenizer = train_tokenizer([f"a photo of a {c}." for c in COLORS] * 3 + ["an emoji of the large small"], 200)
+    tokenizer = train_tokenizer([f"a photo of a {c}." for c in COLORS] * 3 + ["an emoji of the large small"], 400)
     processor = build_image_processor(ModelConfig(image_size=8))
     return EncoderBundle(ColorOracle(tokenizer), tokenizer, processor, max_length=16)
 
@@ -158,9 +160,10 @@ def test_transformers_models_evaluate_through_the_same_path(tmp_path, kind):
 
     from mmcl.towers.inference import load_encoder
 
+    tokenizer = train_tokenizer([f"a photo of a {c}." for c in COLORS], 300)
     torch.manual_seed(0)
-    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=120,
-                max_position_embeddings=64)
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                vocab_size=len(tokenizer), max_position_embeddings=64)
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
                   patch_size=4)
     if kind == "clip":
@@ -168,7 +171,7 @@ def test_transformers_models_evaluate_through_the_same_path(tmp_path, kind):
     else:
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
     model.save_pretrained(tmp_path)
-    train_tokenizer([f"a photo of a {c}." for c in COLORS], 120).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
     build_image_processor(ModelConfig(image_size=16)).save_pretrained(tmp_path)
     loaded = load_encoder(str(tmp_path))
     assert loaded.text_padding == ("max_length" if kind == "siglip" else "longest")
