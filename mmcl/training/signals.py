@@ -2,7 +2,8 @@
 SIGUSR1 (SLURM's `--signal=USR1@90`) only set a flag. After the optimizer step in flight every
 process agrees (one all-reduce), one checkpoint is written, and the run ends with a `Preempted`
 error whose exit status is the signal's (128 + its number), so no step since the last checkpoint is
-lost. A second Ctrl-C while stopping stops at once; a repeated SIGTERM or SIGUSR1 (a launcher such
+lost. A signal the process was started ignoring (`nohup`, a shell's background job for SIGINT) stays
+ignored. A second Ctrl-C while stopping stops at once; a repeated SIGTERM or SIGUSR1 (a launcher such
 as torchrun passes on the one its process group got) changes nothing.
 """
 
@@ -40,6 +41,8 @@ class StopRequests:
 
     def __enter__(self) -> "StopRequests":
         for sig in SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:  # ignored on purpose by whoever started us
+                continue
             try:
                 self.previous[sig] = signal.signal(sig, self._caught)
             except ValueError:  # not the main thread (a notebook's worker): the default action stays

@@ -80,3 +80,22 @@ def test_time_based_checkpoints(tmp_path, emoji_cache, small_emoji, small_tokeni
     launch([sys.executable, "-m", *inner])
     steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert steps == list(range(1, STEPS + 1))[-len(steps):] and len(steps) >= 2  # keep_last of one per step
+
+
+def test_a_signal_ignored_at_start_stays_ignored_and_the_others_set_the_flag():
+    """`nohup` and a shell's background jobs start a process ignoring SIGHUP / SIGINT: that choice holds."""
+    from types import SimpleNamespace
+
+    from mmcl.training.signals import StopRequests
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequests(SimpleNamespace(num_processes=1)) as requests:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)  # ignored: no flag, no KeyboardInterrupt
+            assert requests.due() == (0, False)
+            signal.raise_signal(signal.SIGUSR1)
+            assert requests.due() == (signal.SIGUSR1, False)
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # put back on leaving
+    finally:
+        signal.signal(signal.SIGINT, before)
