@@ -69,7 +69,8 @@ def embed(bundle: EncoderBundle, accelerator: Accelerator, source: SourceSpec, o
     """Write image and/or text embeddings of a dataset (any `mmcl train` source) or an image folder.
 
     `.npz` (numpy: image_embeds, text_embeds, image_valid, ids) or `.parquet` (one row per dataset
-    row: id, caption, image_embeds, text_embeds). Text embeddings use each row's first caption.
+    row: id, caption, image_embeds, text_embeds). An id is the row's image path where the data names one,
+else its row number. Text embeddings use each row's first caption.
     """
     if Path(output).suffix not in (".npz", ".parquet"):
         raise ConfigError(f"{output}: write embeddings to a .npz or a .parquet file")
@@ -81,7 +82,7 @@ def embed(bundle: EncoderBundle, accelerator: Accelerator, source: SourceSpec, o
         ids, captions, images = [str(p) for p in paths], [], paths
     else:
         ds = load_pairs(source)
-        ids, images = [str(i) for i in range(len(ds))], ds
+        ids, images = row_ids(ds, source.image_column), ds
         captions = [(caption_list(c) or [""])[0] for c in ds[source.caption_column]]
     out: dict[str, Any] = {"ids": np.array(ids)}
     if what in ("image", "both"):
@@ -93,6 +94,20 @@ def embed(bundle: EncoderBundle, accelerator: Accelerator, source: SourceSpec, o
     if accelerator.is_main_process:
         _write_embeddings(out, Path(output))
     return {k: v.shape for k, v in out.items()}
+
+
+def row_ids(ds: Any, column: str) -> list[str]:
+    """Each row's id: its image's path (a path column, or an Image feature's stored path), else its row
+    number. Read from the Arrow column, so no image is decoded or copied."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cells = ds.with_format("arrow")[column]
+    if pa.types.is_struct(cells.type):
+        cells = pc.struct_field(cells, "path") if cells.type.get_field_index("path") >= 0 else None
+    if cells is None or not (pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type)):
+        return [str(i) for i in range(len(ds))]
+    return [path or str(i) for i, path in enumerate(cells.to_pylist())]
 
 
 def _write_embeddings(out: dict[str, Any], path: Path) -> None:

@@ -32,7 +32,10 @@ OVERRIDE = re.compile(r"--\w+(\.\w+)+=")  # --section.key=value
 
 
 def build_parser() -> Parser:
+    from .. import __version__
+
     parser = Parser(prog="mmcl", description="Train, evaluate and publish CLIP-style image–text models.")
+    parser.add_argument("--version", action="version", version=f"mmcl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)

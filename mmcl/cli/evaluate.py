@@ -41,10 +41,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         save_confusion_png(confusion, list(results["per_class_accuracy"]), spec.confusion_matrix)
         print(f"confusion matrix: {spec.confusion_matrix}")
     if args.output:
-        record = {"model": args.model, "eval": dataclasses.asdict(spec), "results": results}
+        if args.output_format == "clip_benchmark":
+            from ..evaluation.formats import clip_benchmark_record
+
+            record = clip_benchmark_record(args.model, spec.dataset, spec.task, results, args.language)
+        else:
+            record = {"model": args.model, "eval": dataclasses.asdict(spec), "results": results}
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
-        print(f"results: {args.output}")
+        print(f"results ({args.output_format}): {args.output}")
     return 0
 
 
@@ -66,6 +71,10 @@ def register(sub: Any) -> None:
     parser.add_argument("--ks", default="[1, 5, 10]", help="retrieval R@k list")
     parser.add_argument("--cache-dir", default=None, help="where built-in datasets are cached")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--output-format", default="clip_benchmark", choices=["clip_benchmark", "mmcl"],
+                        help="clip_benchmark: CLIP_benchmark's result file (its task and metric names; "
+                             "`clip_benchmark build` reads it); mmcl: every number, per-class accuracy included")
+    parser.add_argument("--language", default="en", help="the captions' and labels' language, as CLIP_benchmark records it")
     parser.set_defaults(func=run, parser=parser)
     plot = sub.add_parser("plot", help="draw a run's training curves and evaluation metrics into one PNG",
                           description="mmcl plot RUN_DIR [--output PNG]: loss, learning rate, temperature, "

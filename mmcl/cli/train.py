@@ -84,7 +84,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         from ..publish import publish_run
 
         publish_run(config.train.output_dir, config.hub, metrics)
-        print({k: round(v, 4) for k, v in metrics.items() if "R@" in k or "top" in k or k.endswith("wall_s")})
+        import json
+
+        summary = {k: round(v, 4) for k, v in metrics.items() if "R@" in k or "top" in k or k.endswith("wall_s")}
+        print(json.dumps(summary))  # one JSON line: a script reads it with json.loads
     return 0
 
 

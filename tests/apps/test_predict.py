@@ -1,6 +1,7 @@
 """predict / embed / search on a tiny saved model and a folder of images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -63,6 +64,8 @@ def test_embed_a_dataset_folder(model_and_folder, tmp_path, suffix):
     if suffix == ".npz":
         data = np.load(out)
         assert data["image_embeds"].shape == (4, 8) and data["text_embeds"].shape == (4, 8)
+        listed = sorted(line.split(",")[0] for line in (images / "metadata.csv").read_text().splitlines()[1:])
+        assert sorted(Path(i).relative_to(images).as_posix() for i in data["ids"]) == listed  # sources, not rows
         assert np.allclose(np.linalg.norm(data["text_embeds"], axis=1), 1.0, atol=1e-5)
     else:
         table = pq.read_table(out)

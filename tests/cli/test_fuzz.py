@@ -118,10 +118,13 @@ def test_random_rows_and_image_bytes(folder, emoji_cache, rows, jsonl, blob):
 
 
 def test_the_fuzzers_inputs_are_not_all_rejected_early(folder, emoji_cache):
-    """The fuzzing can fail: a well-formed config and well-formed rows do train (exit 0)."""
+    """The fuzzing can fail: a well-formed config and well-formed rows do train (exit 0); the run's
+    last line is its metrics as JSON."""
+    out = io.StringIO()
     code, said = run(["train", str(DEBUG_CONFIG), f"--data.train={folder / 'pairs_ok.csv'}", "--data.validation=null",
                       "--train.max_steps=1", "--train.per_device_batch_size=2", f"--train.output_dir={folder / 'run'}",
                       "--train.overwrite_output_dir=true", f"--data.cache_dir={emoji_cache}", "--hub.export=false",
-                      "--train.progress_bar=false", "--eval.sets={}"])
+                      "--train.progress_bar=false", "--eval.sets={}"], out)
     assert code == 0, said[-2000:]
+    assert "train/wall_s" in json.loads(out.getvalue().splitlines()[-1])
 

@@ -1,6 +1,8 @@
 """`--help` documents every config key and eval flag from the dataclasses' own help text."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 
@@ -30,3 +32,13 @@ def test_eval_help_shows_each_spec_field_help(capsys):
     for f in dataclasses.fields(EvalSpec):
         if f.name != "every":
             assert f"--{f.name.replace('_', '-')}" in text and " ".join(f.metadata["help"].split()) in text, f.name
+
+
+def test_version_is_the_projects():
+    import tomllib
+
+    from tests.conftest import REPO
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    done = subprocess.run([sys.executable, "-m", "mmcl.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"mmcl {version}", done

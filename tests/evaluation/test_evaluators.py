@@ -122,7 +122,7 @@ def test_one_and_two_processes_give_identical_metrics(tmp_path, emoji_cache):
         out = tmp_path / f"results{nproc}.json"
         base = ["mmcl.cli", "eval", str(model_dir), "--dataset", "builtin:emoji", "--task", "zero_shot",
                 "--label-column", "name", "--max-samples", "37", "--batch-size", "8", "--cache-dir", emoji_cache,
-                "--output", str(out)]
+                "--output", str(out), "--output-format", "mmcl"]
         launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())] if nproc == 2 else []
         done = subprocess.run([sys.executable, *launcher, "-m", *base], cwd=REPO, capture_output=True, text=True,
                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
