@@ -282,6 +282,13 @@ class HubConfig:
     private: bool = option(False, "create the repo private")
     revision: str | None = option(None, "branch to push to")
     commit_message: str | None = option(None, "the commit message")
+    license: str | None = option(None, "the card's Hub licence id (e.g. apache-2.0); default: the training data's "
+                                       "where mmcl knows it (the built-in emoji: cc-by-sa-4.0), else none")
+    datasets: list[str] | None = option(None, "the card's training datasets (Hub ids); default: data.train when "
+                                              "it is one")
+    language: list[str] | None = option(None, "the card's languages of the captions (e.g. [en])")
+    base_model: list[str] | None = option(None, "the card's base models (Hub ids); default: model.init_from, else "
+                                                "the towers' Hub ids")
 
 
 @dataclass

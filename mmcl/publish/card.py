@@ -3,7 +3,8 @@
 The metadata is built with `huggingface_hub.ModelCardData` and `EvalResult`, which check the
 `model-index` format offline. Evaluation metrics `<name>/<metric>` become one `model-index` result
 per evaluation and task: zero-shot accuracy as `zero-shot-image-classification`, retrieval as
-`image-to-text` / `text-to-image`. Each metric keeps its full mmcl key as its `name`, so the card
+`image-text-retrieval` (not the Hub's `image-to-text` / `text-to-image`, which are captioning and
+generation). Each metric keeps its full mmcl key as its `name`, so the card
 maps back to `metrics.json` one to one.
 
 Base models and datasets in the metadata are Hub ids only. Local folders and files are left out of
@@ -26,8 +27,8 @@ from ..artifacts import (EXPORT_INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NA
 BUILTIN_EMOJI = "builtin:emoji"
 _RETRIEVAL = re.compile(r"^(image_to_text|text_to_image)_(R@\d+|median_rank|mean_rank)$")
 _ZERO_SHOT = re.compile(r"^(top\d+|mean_per_class_recall)$")
-_TASKS = {"image_to_text": ("image-to-text", "Image-to-text retrieval"),
-          "text_to_image": ("text-to-image", "Text-to-image retrieval"),
+_TASKS = {"image_to_text": ("image-text-retrieval", "Image-text retrieval"),  # one entry, both directions:
+          "text_to_image": ("image-text-retrieval", "Image-text retrieval"),  # the metric names say which
           "zero_shot": ("zero-shot-image-classification", "Zero-shot image classification")}
 # The settings worth a glance; the whole resolved config ships as mmcl_training_config.yaml.
 KEY_SETTINGS = ("model.text_model", "model.vision_model", "model.init_from", "model.text_pooling",
@@ -60,22 +61,35 @@ def _get(config: dict[str, Any], dotted: str) -> Any:
 
 
 def base_models_of(config: dict[str, Any]) -> list[str]:
-    """The pretrained starting points that are Hub ids: `init_from`, else the two towers."""
+    """hub.base_model, else the pretrained starting points that are Hub ids: `init_from`, else the towers."""
+    if _get(config, "hub.base_model"):
+        return list(_get(config, "hub.base_model"))
     init_from = _get(config, "model.init_from")
     names = [init_from] if init_from else [_get(config, "model.text_model"), _get(config, "model.vision_model")]
     return list(dict.fromkeys(n for n in names if is_hub_id(n)))
 
 
 def datasets_of(config: dict[str, Any]) -> list[str]:
-    names = [_get(config, "data.train"), _get(config, "data.validation")]
-    names += [s.get("dataset") for s in (_get(config, "eval.sets") or {}).values() if isinstance(s, dict)]
-    return list(dict.fromkeys(n for n in names if is_hub_id(n)))
+    """hub.datasets, else the training data when it is a Hub id (evaluation sets are results, not data)."""
+    if _get(config, "hub.datasets"):
+        return list(_get(config, "hub.datasets"))
+    return [n for n in [_get(config, "data.train")] if is_hub_id(n)]
 
 
-def uses_emoji(config: dict[str, Any]) -> bool:
+def trained_on_emoji(config: dict[str, Any]) -> bool:
+    return str(_get(config, "data.train") or "").startswith(BUILTIN_EMOJI)
+
+
+def evaluated_on_emoji(config: dict[str, Any]) -> bool:
     sets = (_get(config, "eval.sets") or {}).values()
-    return BUILTIN_EMOJI in (_get(config, "data.train"), _get(config, "data.validation"),
-                             *(s.get("dataset") for s in sets if isinstance(s, dict)))
+    return any(str(ref or "").startswith(BUILTIN_EMOJI) for ref in
+               (_get(config, "data.validation"), *(s.get("dataset") for s in sets if isinstance(s, dict))))
+
+
+def license_of(config: dict[str, Any]) -> str | None:
+    """hub.license, else the training data's licence where mmcl knows it (the OpenMoji drawings: CC BY-SA
+    4.0); a set used only to evaluate passes no licence on."""
+    return _get(config, "hub.license") or ("cc-by-sa-4.0" if trained_on_emoji(config) else None)
 
 
 def _eval_dataset(group: str, config: dict[str, Any]) -> tuple[str, str, str | None, str | None]:
@@ -237,11 +251,14 @@ def _body(folder: Path, name: str, repo: str, config: dict[str, Any], results: l
              f"- Vision tower: {arch['vision']}, pooling `{arch['vision_pooling']}`",
              f"- Projection dim: {arch['projection_dim']}",
              f"- Temperature: {temp}", "", "## Training data and configuration", ""]
-    if uses_emoji(config):
-        parts += ["Trained and/or evaluated on mmcl's built-in OpenMoji set: each fully-qualified emoji drawn "
-                  "from the OpenMoji font and captioned with its English name and aliases; validation holds "
-                  "emoji never seen in training.", "",
-                  f"Attribution: {_openmoji_attribution()} (https://openmoji.org, "
+    emoji = ("mmcl's built-in OpenMoji set: each fully-qualified emoji drawn from the OpenMoji font and "
+             "captioned with its English name and aliases")
+    if trained_on_emoji(config):
+        parts += [f"Trained on {emoji}; validation holds emoji never seen in training.", ""]
+    elif evaluated_on_emoji(config):
+        parts += [f"Evaluated (not trained) on {emoji}.", ""]
+    if trained_on_emoji(config) or evaluated_on_emoji(config):
+        parts += [f"Attribution: {_openmoji_attribution()} (https://openmoji.org, "
                   "https://creativecommons.org/licenses/by-sa/4.0/).", ""]
     if config:
         parts += [_settings_table(config), "",
@@ -268,7 +285,7 @@ def _body(folder: Path, name: str, repo: str, config: dict[str, Any], results: l
               "- Zero-shot accuracy depends on the prompt template and the label set; check on your own labels.",
               "- Retrieval scores above were measured on the evaluation sets listed; they are not a "
               "general benchmark."]
-    if uses_emoji(config):
+    if trained_on_emoji(config):
         parts.append("- Emoji are clean, centred, single-object drawings: this model is a demonstration, not "
                      "a photo model.")
     return "\n".join(parts) + "\n"
@@ -292,8 +309,10 @@ def write_model_card(folder: str | Path, config: dict[str, Any] | None, metrics:
         config: the resolved training config (`Config.to_dict()`); credential-like keys are dropped.
         metrics: final metrics `<eval name>/<metric>` (e.g. `val/image_to_text_R@1`, `zs_emoji/top1`).
         export_notes: caveats of the export, listed under "Export notes".
-        base_models / datasets: Hub ids; default: those in `config` that are Hub ids.
-        license: a Hub license id; default `cc-by-sa-4.0` when the OpenMoji emoji were used, else none.
+        base_models / datasets: Hub ids; default: hub.base_model / hub.datasets, else the config's Hub ids
+            (model.init_from or the towers; data.train).
+        license: a Hub license id; default hub.license, else `cc-by-sa-4.0` when the model was trained on
+            the OpenMoji emoji, else none (evaluation sets pass no licence on).
         model_name: the title and `model-index` name; default: the repo name or the folder name.
         repo_id: used in the usage snippets; default a placeholder path.
     Returns:
@@ -312,7 +331,7 @@ def write_model_card(folder: str | Path, config: dict[str, Any] | None, metrics:
         pipeline_tag="zero-shot-image-classification", tags=tags,
         base_model=(base_models if base_models is not None else base_models_of(config)) or None,
         datasets=(datasets if datasets is not None else datasets_of(config)) or None,
-        license=license or ("cc-by-sa-4.0" if uses_emoji(config) else None),
+        license=license or license_of(config), language=_get(config, "hub.language") or None,
         model_name=name if results else None, eval_results=results or None)
     body = _body(folder, name, repo_id or "path/to/model", config, results, list(export_notes or []))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")  # parses the front matter back: fails early

@@ -115,7 +115,7 @@ def test_model_card_metadata_results_usage_and_no_secrets(tmp_path):
     data = ModelCardData(**meta)
     assert data.model_name == "run" and len(data.eval_results) == len(METRICS)
     index = meta["model-index"][0]["results"]
-    assert sorted(r["task"]["type"] for r in index) == ["image-to-text", "text-to-image",
+    assert sorted(r["task"]["type"] for r in index) == ["image-text-retrieval",  # not captioning
                                                         "zero-shot-image-classification"]
     reported = {m["name"]: m["value"] for r in index for m in r["metrics"]}
     assert reported == METRICS
@@ -129,6 +129,32 @@ def test_model_card_metadata_results_usage_and_no_secrets(tmp_path):
     assert "local `vit-tiny`" in text and "/home/someone" not in text
     assert not any(secret in text for secret in SECRETS)
     assert "aws_secret_access_key" not in text and "OPENAI_API_KEY" not in text
+
+
+def test_the_card_of_a_csv_trained_run_is_true(tmp_path):
+    """Trained on the user's CSV, evaluated on the built-in emoji: no emoji licence, the emoji listed as an
+    evaluation only, and the hub.* keys in the YAML as given (read back with huggingface_hub)."""
+    folder = make_model_folder(tmp_path / "run" / "final")
+    config = Config().to_dict()
+    config["data"].update(train="/home/someone/pairs.csv", validation=None)
+    config["eval"]["sets"] = {"zs_emoji": {"task": "zero_shot", "dataset": "builtin:emoji", "split": "validation"}}
+    path = write_model_card(folder, config, {"zs_emoji/top1": 0.25})
+    meta, text = metadata_load(path), path.read_text(encoding="utf-8")
+    assert "license" not in meta and "datasets" not in meta and "language" not in meta
+    assert "Evaluated (not trained) on mmcl's built-in OpenMoji set" in text and "Trained on mmcl" not in text
+    assert "demonstration, not a photo model" not in text and "/home/someone" not in text
+    assert meta["model-index"][0]["results"][0]["dataset"]["type"] == "openmoji"  # an evaluation result
+
+    config["hub"].update(license="apache-2.0", datasets=["me/my-captions"], language=["en", "de"],
+                         base_model=["openai/clip-vit-base-patch32"])
+    meta = metadata_load(write_model_card(folder, config, {"zs_emoji/top1": 0.25}))
+    assert (meta["license"], meta["datasets"], meta["language"], meta["base_model"]) == (
+        "apache-2.0", ["me/my-captions"], ["en", "de"], ["openai/clip-vit-base-patch32"])
+
+    config["data"]["train"] = "builtin:emoji"  # trained on the emoji: their licence applies
+    config["hub"]["license"] = None
+    meta = metadata_load(write_model_card(folder, config, None))
+    assert meta["license"] == "cc-by-sa-4.0"
 
 
 def test_select_files_is_the_allow_list(tmp_path):
