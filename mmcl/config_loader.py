@@ -181,10 +181,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if overrides:
         _apply(config, _merge_free_dicts(config, parse_overrides(overrides)), "")
     resolve_package_paths(config.model)
-    if config.model.trust_backbone:
-        from .towers.backbones import trust_backbone
-
-        trust_backbone()
     validate(config)
     return config
 
@@ -233,10 +229,13 @@ def validate(config: Config) -> None:
         if not (m.vision_model or m.vision_config.get("model_type")):
             raise ConfigError("set model.vision_model (folder or Hub id) or model.vision_config.model_type")
     backbone = m.vision_backbone()
-    if backbone is not None and not m.init_from:
-        from .towers.backbones import get_backbone, trust_backbone
+    if m.trust_backbone or backbone is not None:
+        from .towers.backbones import trust_configured
 
-        trust_backbone(backbone)  # the user's own config names it
+        trust_configured(m)  # the user's own config: what it names or trusts may load
+    if backbone is not None and not m.init_from:
+        from .towers.backbones import get_backbone
+
         try:
             get_backbone(backbone)
         except (ValueError, ImportError) as err:

@@ -64,6 +64,15 @@ def trust_backbone(name: str = "*") -> None:
     _TRUSTED.add(name)
 
 
+def trust_configured(cfg: Any) -> None:
+    """What a `ModelConfig` the user wrote trusts: any backbone under `model.trust_backbone`, else the one
+    it names itself (a model it starts from, `init_from`, is data: its backbone needs the flag)."""
+    if cfg.trust_backbone:
+        trust_backbone()
+    elif cfg.vision_backbone() and not cfg.init_from:
+        trust_backbone(cfg.vision_backbone())
+
+
 def get_backbone(name: str) -> Backbone:
     """A registered backbone, or (when trusted: `trust_backbone`) the `Backbone` at `package.module:attribute`."""
     if name in BACKBONES:

@@ -116,10 +116,7 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
     """The dual encoder `cfg` describes, with its towers frozen as configured; with a learned logit
     bias starting at `init_logit_bias` when the loss needs one (SigLIP), and an image–image head of
     width `image_ssl_dim` when the loss has SLIP's term."""
-    if cfg.trust_backbone:
-        backbones.trust_backbone()
-    if cfg.vision_backbone() and not cfg.init_from:
-        backbones.trust_backbone(cfg.vision_backbone())  # the config names it: the user's own code
+    backbones.trust_configured(cfg)  # the config is the user's own: the backbone it names may load
     if cfg.init_from:
         model = load_initial_model(cfg)
         if init_logit_bias is not None:

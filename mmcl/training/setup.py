@@ -133,8 +133,9 @@ def prepare_output_dir(folder: Path, resume_dir: Path | None, overwrite: bool) -
     that run wrote and nothing else). Then the folder is marked as mmcl's, and a best or final model a
     killed run left set aside is put back."""
     check_output_folder(folder, overwrite, "--train.overwrite_output_dir=true")
-    if resume_dir is None and ckpt.checkpoints(folder) and not overwrite:
-        raise ConfigError(f"{folder} holds the checkpoints of an earlier run (up to {ckpt.checkpoints(folder)[-1].name}): "
+    earlier = ckpt.checkpoints(folder) if resume_dir is None and not overwrite else []
+    if earlier:
+        raise ConfigError(f"{folder} holds the checkpoints of an earlier run (up to {earlier[-1].name}): "
                           "continue it with --train.resume=latest, or start over with "
                           "--train.overwrite_output_dir=true (removes what that run wrote)")
     if overwrite and resume_dir is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import math
 from pathlib import Path
 
@@ -384,3 +385,15 @@ def test_a_push_without_network_is_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert lines[-1].startswith("mmcl push: error: could not push") and FAKE_TOKEN not in done.stderr + done.stdout
+
+
+def test_the_token_scan_reads_in_chunks_and_finds_a_token_across_a_boundary(tmp_path):
+    from mmcl.publish.push import _holds
+
+    token = "hf_" + "Q" * 30
+    path = tmp_path / "weights.bin"
+    for offset in range(0, 40, 7):  # the token starting anywhere relative to the 16-byte chunks
+        path.write_bytes(b"\0" * offset + token.encode() + b"\0" * 5)
+        assert _holds(path, re.compile(rb"hf_[A-Za-z0-9]{20,}"), chunk=16)
+    path.write_bytes(b"hf_" + b"\0" * 40 + b"Q" * 30)
+    assert not _holds(path, re.compile(rb"hf_[A-Za-z0-9]{20,}"), chunk=16)
