@@ -128,7 +128,11 @@ class DataConfig:
     """Where training and validation pairs come from (see `SourceSpec` for the accepted forms)."""
 
     train: str = option("builtin:emoji", "training data (see SourceSpec)")
-    validation: str | None = option("builtin:emoji", "held-out data for retrieval eval 'val'; null: none")
+    validation: str | None = option(None, "held-out data for retrieval eval 'val'; null: hold out "
+                                          "data.validation_share of `train`")
+    validation_share: float = option(0.05, "with no data.validation: this share of the training images (seeded by "
+                                           "train.seed, all rows of one image together) is held out as 'val'; 0: "
+                                           "no 'val'")
     train_split: str = option("train", "split of `train`")
     validation_split: str = option("validation", "split of `validation`")
     dataset_config: str | None = option(None, "the Hub dataset's config name")

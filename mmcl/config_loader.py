@@ -163,7 +163,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is None and not DEFAULT_CONFIG.is_file():
         raise ConfigError(f"no config given and the default {DEFAULT_CONFIG} is not there (mmcl was installed "
                           "without its repository): pass a config file, e.g. mmcl train path/to/quickstart.yaml")
-    path = DEFAULT_CONFIG if path is None else Path(path)
+    default, path = path is None, DEFAULT_CONFIG if path is None else Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -177,12 +177,38 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, ...)")
+    given = parse_overrides(overrides or [])
+    if default:  # `mmcl train --data.train=yours.csv`: the quickstart's model and loop, for your data
+        for line in own_data(values, given):
+            if os.environ.get("RANK", "0") == "0":  # said once, by the main process
+                print(f"config: {line}", flush=True)
     _apply(config, values, "")
-    if overrides:
-        _apply(config, _merge_free_dicts(config, parse_overrides(overrides)), "")
+    if given:
+        _apply(config, _merge_free_dicts(config, given), "")
     resolve_package_paths(config.model)
     validate(config)
     return config
+
+
+def own_data(values: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """The quickstart config with your own `--data.train`: what belongs to the quickstart's emoji (its
+    held-out and evaluation sets, its run folder) is not inherited unless given too. Edits `values` (the
+    quickstart's YAML); returns what it changed, to be said."""
+    train = (given.get("data") or {}).get("train")
+    if not isinstance(train, str) or train == values.get("data", {}).get("train"):
+        return []
+    said = []
+    data, evals, run = (values.setdefault(k, {}) for k in ("data", "eval", "train"))
+    if "validation" not in given.get("data", {}) and data.pop("validation", None):
+        said.append("the quickstart's data.validation (built-in emoji) is not used: with none named, a share "
+                    "of your rows is held out (data.validation_share)")
+    if "sets" not in (given.get("eval") or {}) and evals.pop("sets", None):
+        said.append("the quickstart's eval.sets (emoji zero-shot and line-art) are not used; add your own with "
+                    "--eval.sets (docs/evaluation.md)")
+    if "output_dir" not in (given.get("train") or {}):
+        run["output_dir"] = f"runs/{Path(train.rstrip('/')).stem or 'own_data'}"
+        said.append(f"train.output_dir={run['output_dir']} (the quickstart's is runs/quickstart)")
+    return said
 
 
 PACKAGE_PREFIX = "pkg:"
@@ -214,7 +240,8 @@ def validate(config: Config) -> None:
         raise ConfigError("hub.push uploads the export folder: keep hub.export true")
     if config.hub.push and not config.hub.repo_id:
         raise ConfigError("hub.push is true but hub.repo_id is empty; set --hub.repo_id=user/name")
-    names = (["val"] if config.data.validation else []) + list(config.eval.sets)
+    held_out = config.data.validation_share > 0 and not config.data.streaming
+    names = (["val"] if config.data.validation or held_out else []) + list(config.eval.sets)
     best = config.eval.best_metric
     if best and best.split("/")[0] not in names:
         raise ConfigError(f"eval.best_metric '{best}' names no evaluation: metrics are '<name>/<metric>' with "

@@ -42,7 +42,7 @@ for launch in $launches; do
 done
 echo "== mmcl train (the real loop: MFU and data wait as its log has them)"
 out=$(mktemp -d)
-timeout 400 mmcl train "${loop[@]}" --data.train=builtin:emoji --data.validation=null '--eval.sets={}' \
+timeout 400 mmcl train "${loop[@]}" --data.train=builtin:emoji --data.validation=null --data.validation_share=0 '--eval.sets={}' \
     --train.checkpoint_every=0 --hub.export=false --train.output_dir="$out" --train.progress_bar=false 2>&1 \
     | grep -E "^(auto|throughput|warning):" || echo "mmcl train: FAILED"
 python - "$out" <<'PY'

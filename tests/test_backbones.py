@@ -77,7 +77,7 @@ def test_a_tiny_backbone_trains_and_locks_all_but_its_last_block(tmp_path, emoji
 
     config = load_config(DEBUG_CONFIG, [
         f"--train.output_dir={tmp_path}", f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}",
-        "--data.validation=null", "--train.max_steps=2", "--train.checkpoint_every=0", "--hub.export=false",
+        "--data.validation=null", "--data.validation_share=0", "--train.max_steps=2", "--train.checkpoint_every=0", "--hub.export=false",
         '--model.vision_config={model_type: mmcl_backbone, backbone: "tests.test_backbones:TINY"}',
         "--model.vision_pooling=pooler", "--model.image_size=20", "--model.lock_vision=true",
         "--model.unlock_vision_layers=1"])

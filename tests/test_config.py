@@ -8,7 +8,7 @@ from tests.conftest import DEBUG_CONFIG
 
 def test_defaults_and_overrides():
     config = load_config(DEBUG_CONFIG, ["--train.max_steps=3", "--train.learning_rate", "2e-3",
-                                        "--model.text_config.hidden_size=48", "--data.validation=null"])
+                                        "--model.text_config.hidden_size=48", "--data.validation=null", "--data.validation_share=0"])
     assert config.train.max_steps == 3
     assert config.train.learning_rate == 2e-3
     assert config.model.text_config["hidden_size"] == 48

@@ -75,7 +75,7 @@ def test_merged_weights_are_a_plain_model_with_the_same_embeddings(small_tokeniz
 @pytest.mark.slow
 def test_lora_run_resumes_exactly_from_checkpoints_of_what_trains(tmp_path, emoji_cache, small_emoji):
     pretrained = save_tiny_model(tmp_path / "pretrained", "a b c")
-    common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=6",
+    common = [f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.max_steps=6",
               "--train.checkpoint_every=3", "--train.keep_last=0", f"--model.init_from={pretrained}",
               "--model.lora={text: {r: 4}, vision: {r: 2, target_modules: [q_proj, v_proj]}}", "--hub.export=false"]
     full = tmp_path / "full"

@@ -94,7 +94,7 @@ def test_resume_equals_uninterrupted(tmp_path, emoji_cache, small_emoji, small_t
 
         model = save_tiny_model(tmp_path / "cluster_model", "a b c")
         option = ("--data.batch_sampler=cluster", f"--data.cluster_model={model}", "--data.num_clusters=6")
-    common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=6",
+    common = [f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.max_steps=6",
               "--train.checkpoint_every=3", "--train.gradient_accumulation_steps=2",
               "--train.per_device_batch_size=16", "--train.keep_last=0", f"--model.tokenizer={small_tokenizer}",
               *geometry]
@@ -140,7 +140,7 @@ def test_temperature_is_clamped(tmp_path, emoji_cache, small_emoji):
 
     from mmcl.towers.model import DualEncoder
 
-    train(debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null",
+    train(debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
                        "--model.init_temperature=0.001", "--train.max_steps=2", "--train.checkpoint_every=0"))
     model = DualEncoder.from_pretrained(tmp_path / "final")
     # started at ln(1000) = 6.9; one clamp to ln(100), then at most two tiny Adam moves
@@ -165,7 +165,7 @@ SPEED_OPTIONS = {
 def plain_run(tmp_path_factory, emoji_cache, small_emoji, small_tokenizer):
     """4 steps with none of the options (one text block trainable in a locked text tower)."""
     root, tokenizer = tmp_path_factory.mktemp("speed_options"), small_tokenizer
-    common = (f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=4",
+    common = (f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.max_steps=4",
               "--train.checkpoint_every=0", f"--model.tokenizer={tokenizer}", "--model.lock_text=true",
               "--model.unlock_text_layers=1", "--model.attn_implementation=sdpa", "--train.optim=adamw_torch")
     train(debug_config(root / "plain", emoji_cache, *common))

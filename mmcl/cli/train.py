@@ -91,6 +91,25 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def init(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from ..data.starter import starter_config
+
+    text = starter_config(args.data, args.image_column, args.caption_column, args.split, args.cache_dir)
+    if args.out == "-":
+        print(text, end="")
+        return 0
+    out = Path(args.out or f"{Path(args.data.rstrip('/')).stem or 'own_data'}.yaml")
+    try:
+        with open(out, "x", encoding="utf-8") as f:  # never over a file that is there
+            f.write(text)
+    except FileExistsError:
+        raise FileExistsError(f"{out} is there already (init never overwrites a file): choose another --out") from None
+    print(f"wrote {out}: read it, then  mmcl train {out}")
+    return 0
+
+
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "train", help="train a dual encoder", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,3 +118,14 @@ def register(sub: Any) -> None:
         epilog=config_help())
     parser.add_argument("config", nargs="?", default=None, help="YAML config (default: the quickstart)")
     parser.set_defaults(func=run, parser=parser, takes_overrides=True)
+    starter = sub.add_parser("init", help="write a commented starter config for your own data",
+                             description="Read DATA's columns and row count and write a config that trains on it.")
+    starter.add_argument("data", help="a csv/tsv/jsonl/parquet file, an imagefolder, a save_to_disk folder or a Hub "
+                                      "dataset")
+    starter.add_argument("--out", default=None, help="the config file to write (default: <data name>.yaml; - prints "
+                                                     "it); an existing file is never overwritten")
+    starter.add_argument("--image-column", default=None, help="(default: the first of image, img, path, file, ...)")
+    starter.add_argument("--caption-column", default=None, help="(default: the first of caption, text, title, ...)")
+    starter.add_argument("--split", default="train")
+    starter.add_argument("--cache-dir", default=None)
+    starter.set_defaults(func=init, parser=starter)

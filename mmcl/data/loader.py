@@ -7,11 +7,13 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
+import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import send_to_device
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .clusters import ClusterBatchSampler
 from .pairs import PairCollator, PairDataset, PairRecipe, iter_captions
 from .sources import load_pairs, load_stream, require_columns
@@ -29,6 +31,51 @@ def load_train_dataset(data: DataConfig, negative_column: str | None, accelerato
         require_columns(ds, data.train_source(), {negative_column: "(loss.hard_negative_column; `mmcl data "
                                                                    "mine-negatives` writes one)"})
     return ds
+
+
+def hold_out(ds: datasets.Dataset, data: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """With no `data.validation`: `data.validation_share` of the training images, drawn with `seed`,
+    become the held-out set (every row of one image goes the same way: rows share an image when their
+    image column holds the same path); the rest trains. Returns (train, held out or None)."""
+    if data.validation or data.validation_share <= 0 or not isinstance(ds, datasets.Dataset):
+        return ds, None
+    if not 0.0 < data.validation_share < 1.0:
+        raise ConfigError(f"data.validation_share is {data.validation_share}: give a share in [0, 1)")
+    keys = ds[data.image_column] if shares_images(ds, data.image_column) else list(range(len(ds)))
+    images = list(dict.fromkeys(keys))
+    count = math.ceil(data.validation_share * len(images))
+    if count >= len(images):
+        raise ConfigError(f"{data.train}: {len(images)} image(s) is too few to hold out "
+                          f"data.validation_share={data.validation_share} and train on the rest; add rows, or name "
+                          "held-out data with data.validation")
+    held = {images[i] for i in np.random.default_rng(seed).permutation(len(images))[:count].tolist()}
+    rows = np.fromiter((k in held for k in keys), dtype=bool, count=len(keys))
+    return ds.select(np.flatnonzero(~rows)), ds.select(np.flatnonzero(rows))
+
+
+def shares_images(ds: datasets.Dataset, column: str) -> bool:
+    """Whether `column` holds image paths (strings), so that rows naming one path are one image."""
+    feature = ds.features.get(column)
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def fit_batch(rows: int, batch_size: int, num_processes: int, name: str) -> tuple[int, str | None]:
+    """A per-process batch that fits a dataset of `rows` (a stream: the rows counted up to one batch):
+    unchanged when a global batch fits, else the largest that does, with the line that says so. A batch
+    never repeats a row."""
+    if rows >= batch_size * num_processes:
+        return batch_size, None
+    fitted = rows // num_processes
+    if fitted < 2:
+        raise ConfigError(f"{name}: {rows} readable row(s) for {num_processes} process(es) cannot make a contrastive "
+                          "batch (at least 2 pairs per process): add rows")
+    return fitted, (f"{name} has {rows} rows, less than one global batch of {batch_size} x {num_processes}: "
+                    f"training with train.per_device_batch_size={fitted} (set it to choose)")
+
+
+def count_up_to(ds: datasets.IterableDataset, limit: int) -> int:
+    """How many examples a stream has, counting no further than `limit`."""
+    return sum(1 for _ in ds.take(limit))
 
 
 def train_captions(ds: Any, data: DataConfig) -> Iterator[str]:

@@ -88,7 +88,7 @@ class StreamingPairs:
         meta = example.get("json") if isinstance(example.get("json"), dict) else {}
         if meta.get("image_id") is not None:  # rows of one image (convert --image-id-column) share it
             pair["image_id"] = stable_id(str(meta["image_id"]).encode())
-        return {**pair, "row": index, "skipped": []}
+        return {**pair, "row": index, "epoch": epoch, "skipped": []}
 
     def _examples(self) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """(epoch, index in the epoch, example) from the saved position on, epoch after epoch."""
@@ -107,9 +107,18 @@ class StreamingPairs:
         examples = self._examples()
         ready: list[dict[str, Any]] = []
         skipped: list[Skipped] = []
-        bad_in_a_row = 0
+        bad_in_a_row = drops = 0
         while True:
             chunk = [next(examples) for _ in range(self.batch_size - len(ready))]
+            epoch = chunk[-1][0]
+            if chunk[0][0] != epoch or (ready and ready[0]["epoch"] != epoch):
+                # an epoch ended inside this batch: its partial batch is dropped (as a DataLoader's last
+                # one is), so that no batch holds two epochs' reads of one example
+                drops += 1
+                if drops > 2:  # epoch after epoch without one whole batch
+                    raise ConfigError(f"this process's part of the training stream has fewer readable examples "
+                                      f"than one batch ({self.batch_size}): lower train.per_device_batch_size")
+                ready, chunk = [], [item for item in chunk if item[0] == epoch]
             for out in self.pool.map(self._decode, chunk):
                 (skipped.append if isinstance(out, Skipped) else ready.append)(out)
                 bad_in_a_row = bad_in_a_row + 1 if isinstance(out, Skipped) else 0
@@ -121,4 +130,4 @@ class StreamingPairs:
             if len(ready) == self.batch_size:
                 ready[0] = {**ready[0], "skipped": skipped}
                 yield self.collator(ready)
-                ready, skipped = [], []
+                ready, skipped, drops = [], [], 0

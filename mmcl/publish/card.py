@@ -94,6 +94,11 @@ def license_of(config: dict[str, Any]) -> str | None:
 
 def _eval_dataset(group: str, config: dict[str, Any]) -> tuple[str, str, str | None, str | None]:
     """(dataset id, pretty name, dataset config, split) of the evaluation named `group`."""
+    if group == "val" and not _get(config, "data.validation"):  # a held-out share of the training data
+        ref, split, cfg = (_get(config, f"data.{k}") for k in ("train", "train_split", "dataset_config"))
+        share = _get(config, "data.validation_share")
+        name = Path(ref).name if ref and not is_hub_id(ref) else ref
+        return name, f"{name}: a held-out {share} of its images (not trained on)", cfg, split
     if group == "val":
         ref, split, cfg = (_get(config, f"data.{k}") for k in ("validation", "validation_split", "dataset_config"))
     else:

@@ -39,6 +39,15 @@ RESUMABLE_CHANGES = ("train.output_dir", "train.resume", "train.overwrite_output
                      "eval.", "hub.")
 
 
+LATER_KEYS = {"data.validation_share": 0.0}  # keys added since mmcl 0.2, as a run from before them computed
+
+
+def held_out_share(config: dict[str, Any]) -> float:
+    """The share of the training rows a run (flat config) held out as 'val': none when it named one."""
+    named = config.get("data.validation") or config.get("data.streaming")
+    return 0.0 if named else float(config.get("data.validation_share") or 0.0)
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     folder = output_dir / CHECKPOINTS_DIR
@@ -70,14 +79,18 @@ def check_config(saved: dict[str, Any] | None, now: dict[str, Any], folder: Path
     from ..config import Config
     from .tracking import flatten
 
-    defaults = flatten(Config().to_dict())  # a key added since the checkpoint was written: it had the default
-    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    defaults = flatten(Config().to_dict())  # a key added since the checkpoint was written: it had the default,
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **LATER_KEYS, **saved}  # or what it did then
     # before mmcl 0.2 the config kept in checkpoints lost every key with "token" in its last part
     # (pad_token_id, eos_token_id: taken for credentials); such a key missing is no change
     now = {k: v for k, v in now.items() if k in saved or not EARLIER_SCRUB.search(k.rpartition(".")[2])}
     cosine = saved.get("train.lr_scheduler") == "cosine"
     changed = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key)
                      and (not key.startswith(RESUMABLE_CHANGES) or (key == "train.max_steps" and cosine)))
+    if held_out_share(saved) == held_out_share(now):  # the share only matters when it is held out
+        changed = [key for key in changed if key != "data.validation_share"]
+    elif "data.validation_share" not in changed:  # data.validation named or dropped: other rows train
+        changed.append("data.validation_share")
     if changed:
         raise ConfigError(f"train.resume: {folder} was saved with other settings, and these change what the run "
                           f"computes: {'; '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in changed)}. "

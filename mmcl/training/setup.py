@@ -21,8 +21,9 @@ from accelerate.utils import set_seed
 from ..artifacts import (BEST_DIR, CHECKPOINTS_DIR, EXPORT_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME,
                          PROCESSOR_DIR, RunLock, check_output_folder, folder_sha256, mark_folder, restore_aside,
                          scrub_secrets)
-from ..config import Config, ConfigError, EvalSpec, LossConfig, ModelConfig, TrainConfig
-from ..data.loader import TrainBatches, build_stream, build_train_loader, load_train_dataset, train_captions
+from ..config import Config, ConfigError, DataConfig, EvalSpec, LossConfig, ModelConfig, TrainConfig
+from ..data.loader import (TrainBatches, build_stream, build_train_loader, count_up_to, fit_batch, hold_out,
+                           load_train_dataset, shares_images, train_captions)
 from ..data.pairs import PairCollator, PairRecipe, SkipCounter
 from ..evaluation.evaluators import eval_specs, load_eval_datasets
 from ..evaluation.retention import Retention
@@ -78,7 +79,9 @@ def setup(config: Config, lock: RunLock) -> Run:
     set_seed(t.seed, deterministic=t.deterministic)
     # 2. data and evaluation sets (a bad column fails now, not after an hour of training)
     train_ds = load_train_dataset(config.data, config.loss.hard_negative_column, acc)
-    evals = load_eval_datasets(eval_specs(config.data, config.eval, t.eval_every), config.data, acc)
+    train_ds, evals = held_out_evals(train_ds, config.data, t, acc)
+    evals.update(load_eval_datasets(eval_specs(config.data, config.eval, t.eval_every), config.data, acc))
+    fit_batch_size(train_ds, config.data, t, acc)
     retention = Retention(config.eval.retention, config.eval.stop_if_retention_below, evals)
     # 3. tokenizer and image processor (a tokenizer trained on the captions is saved, and reused on resume)
     tokenizer, image_processor = build_processors(config.model, train_captions(train_ds, config.data),
@@ -145,6 +148,39 @@ def prepare_output_dir(folder: Path, resume_dir: Path | None, overwrite: bool) -
     mark_folder(folder, "run")
     for name in (BEST_DIR, FINAL_DIR):
         restore_aside(folder / name)
+
+
+def held_out_evals(ds: Any, data: DataConfig, t: TrainConfig,
+                   acc: Accelerator) -> tuple[Any, dict[str, tuple[EvalSpec, Any]]]:
+    """With no `data.validation`, 'val' is a seeded share of the training images (said in the log);
+    returns the rows that train and {"val": (spec, held-out rows)}, or no 'val'."""
+    if data.validation or data.validation_share <= 0:
+        return ds, {}
+    if data.streaming:
+        acc.print("data: no 'val' evaluation: a stream has no length to hold a share out of; name held-out data "
+                  "with data.validation")
+        return ds, {}
+    rows = len(ds)
+    train_ds, held = hold_out(ds, data, t.seed)
+    acc.print(f"data: no data.validation named: {len(held)} of {rows} rows of {data.train} (data.validation_share="
+              f"{data.validation_share:g} of its images, seed {t.seed}) are held out as 'val'; {len(train_ds)} train")
+    spec = EvalSpec(dataset=data.train, split=data.train_split, dataset_config=data.dataset_config,
+                    image_column=data.image_column, caption_column=data.caption_column, task="retrieval",
+                    image_id_column=data.image_column if shares_images(ds, data.image_column) else None,
+                    every=t.eval_every, max_samples=data.max_validation_samples)
+    if spec.max_samples:
+        held = held.select(range(min(spec.max_samples, len(held))))
+    return train_ds, {"val": (spec, held)}
+
+
+def fit_batch_size(ds: Any, data: DataConfig, t: TrainConfig, acc: Accelerator) -> None:
+    """A dataset smaller than one global batch trains with a batch that fits (said in the log), streamed
+    or not; the fitted size is what the run's saved config holds."""
+    wanted = t.per_device_batch_size * acc.num_processes
+    rows = count_up_to(ds, wanted) if data.streaming else len(ds)
+    t.per_device_batch_size, said = fit_batch(rows, t.per_device_batch_size, acc.num_processes, data.train)
+    if said:
+        acc.print(f"data: {said}")
 
 
 def resolve_run_auto(config: Config, resume_dir: Path | None) -> list[str]:

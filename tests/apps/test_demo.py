@@ -47,7 +47,7 @@ def test_the_demo_classifies_an_uploaded_emoji_and_shows_a_search_grid(tmp_path,
 
     from mmcl.apps.predict import load_for_inference, predict
 
-    train(debug_config(tmp_path / "run", emoji_cache, f"--data.train={small_emoji}", "--data.validation=null"))
+    train(debug_config(tmp_path / "run", emoji_cache, f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0"))
     model, folder = tmp_path / "run" / "final", tmp_path / "images"
     folder.mkdir()
     rows = load_from_disk(small_emoji).select(range(12))

@@ -86,7 +86,7 @@ def test_random_yaml_as_a_config(folder, emoji_cache, value):
     path.write_text(yaml.safe_dump(value, allow_unicode=True) if not isinstance(value, str) else value)
     code, said = run(["train", str(path), "--train.max_steps=1", f"--train.output_dir={folder / 'run'}",
                       "--train.overwrite_output_dir=true", f"--data.train={folder / 'pairs_ok.csv'}",
-                      "--data.validation=null", f"--data.cache_dir={emoji_cache}", "--hub.export=false",
+                      "--data.validation=null", "--data.validation_share=0", f"--data.cache_dir={emoji_cache}", "--hub.export=false",
                       "--train.progress_bar=false", "--train.mixed_precision=no", "--train.per_device_batch_size=2"])
     one_clean_line("train", code, said)
 
@@ -110,7 +110,7 @@ def test_random_rows_and_image_bytes(folder, emoji_cache, rows, jsonl, blob):
             (code, report.getvalue()[-2000:], said[-2000:])
     else:
         one_clean_line("data check", code, said)
-    code, said = run(["train", str(DEBUG_CONFIG), f"--data.train={path}", "--data.validation=null",
+    code, said = run(["train", str(DEBUG_CONFIG), f"--data.train={path}", "--data.validation=null", "--data.validation_share=0",
                       "--train.max_steps=1", "--train.per_device_batch_size=2", f"--train.output_dir={folder / 'run'}",
                       "--train.overwrite_output_dir=true", f"--data.cache_dir={emoji_cache}", "--hub.export=false",
                       "--train.progress_bar=false", "--eval.sets={}"])
@@ -121,7 +121,7 @@ def test_the_fuzzers_inputs_are_not_all_rejected_early(folder, emoji_cache):
     """The fuzzing can fail: a well-formed config and well-formed rows do train (exit 0); the run's
     last line is its metrics as JSON."""
     out = io.StringIO()
-    code, said = run(["train", str(DEBUG_CONFIG), f"--data.train={folder / 'pairs_ok.csv'}", "--data.validation=null",
+    code, said = run(["train", str(DEBUG_CONFIG), f"--data.train={folder / 'pairs_ok.csv'}", "--data.validation=null", "--data.validation_share=0",
                       "--train.max_steps=1", "--train.per_device_batch_size=2", f"--train.output_dir={folder / 'run'}",
                       "--train.overwrite_output_dir=true", f"--data.cache_dir={emoji_cache}", "--hub.export=false",
                       "--train.progress_bar=false", "--eval.sets={}"], out)

@@ -27,7 +27,7 @@ def test_training_with_augmentation_runs(tmp_path, emoji_cache, small_emoji):
     from tests.conftest import DEBUG_CONFIG
 
     config = load_config(DEBUG_CONFIG, [f"--train.output_dir={tmp_path}", f"--data.cache_dir={emoji_cache}",
-                                        f"--data.train={small_emoji}", "--data.validation=null", "--data.augment=strong",
+                                        f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--data.augment=strong",
                                         "--train.max_steps=2", "--train.checkpoint_every=0", "--hub.export=false"])
     assert train(config)["train/steps"] == 2.0
 

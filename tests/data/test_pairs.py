@@ -110,7 +110,7 @@ def test_training_run_counts_a_bad_image(tmp_path, emoji_cache):
     rows = [f"imgs/{n},picture {i % 5}" for i, n in enumerate(names)] + ["imgs/broken.png,broken"]
     (tmp_path / "pairs.csv").write_text("image,caption\n" + "\n".join(rows))
     config = load_config(None, [f"--train.output_dir={tmp_path / 'run'}", f"--data.train={tmp_path / 'pairs.csv'}",
-                                "--data.validation=null", "--train.max_steps=6", "--train.per_device_batch_size=8",
+                                "--data.validation=null", "--data.validation_share=0", "--train.max_steps=6", "--train.per_device_batch_size=8",
                                 "--train.checkpoint_every=0", "--train.progress_bar=false",
                                 "--model.text_config.num_hidden_layers=1", "--model.vision_config.num_hidden_layers=1",
                                 "--train.mixed_precision=no"])  # one precision per process (Accelerate)

@@ -73,7 +73,7 @@ def test_bad_examples_are_skipped_and_counted(tmp_path):
 def test_stream_resume_equals_uninterrupted(tmp_path, emoji_cache):
     """4 + resume + 4 steps from WebDataset shards (crossing an epoch) = 8 uninterrupted steps."""
     folder = write_shards(tmp_path / "shards", n_shards=2, per_shard=20, bad={"010007"})
-    common = [f"--data.train={folder}", "--data.streaming=true", "--data.validation=null",
+    common = [f"--data.train={folder}", "--data.streaming=true", "--data.validation=null", "--data.validation_share=0",
               "--data.shuffle_buffer=16", "--train.max_steps=8", "--train.checkpoint_every=4",
               "--train.per_device_batch_size=12", "--train.keep_last=0", "--train.progress_bar=false",
               f"--data.cache_dir={emoji_cache}", "--model.image_size=16"]
@@ -101,7 +101,7 @@ def test_named_columns_stream_like_a_hub_dataset(tmp_path, emoji_cache, small_em
     parquet = tmp_path / "pairs.parquet"
     datasets.load_from_disk(small_emoji).to_parquet(str(parquet))
     config = load_config(DEBUG_CONFIG, [f"--train.output_dir={tmp_path / 'run'}", f"--data.train={parquet}",
-                                        "--data.streaming=true", "--data.validation=null", "--train.max_steps=3",
+                                        "--data.streaming=true", "--data.validation=null", "--data.validation_share=0", "--train.max_steps=3",
                                         "--train.checkpoint_every=0", "--hub.export=false", f"--data.cache_dir={emoji_cache}"])
     metrics = train(config)
     assert metrics["train/steps"] == 3.0 and metrics["train/skipped_images"] == 0.0

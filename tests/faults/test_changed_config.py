@@ -10,7 +10,7 @@ from tests.test_train import debug_config
 
 
 def test_a_resume_with_other_settings_is_refused_and_a_harmless_change_is_not(tmp_path, emoji_cache, small_emoji):
-    data = (f"--data.train={small_emoji}", "--data.validation=null", "--train.checkpoint_every=3",
+    data = (f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.checkpoint_every=3",
             "--train.lr_scheduler=constant")
     train(debug_config(tmp_path, emoji_cache, *data, "--train.max_steps=6"))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

@@ -32,7 +32,7 @@ def fill_disk_at(monkeypatch, marker):
 
 
 def runs(small_emoji, small_tokenizer, *extra):
-    return (f"--data.train={small_emoji}", "--data.validation=null", "--train.checkpoint_every=2",
+    return (f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.checkpoint_every=2",
             "--train.keep_last=0", f"--model.tokenizer={small_tokenizer}", "--train.lr_scheduler=constant", *extra)
 
 

@@ -50,7 +50,7 @@ def test_data_check_names_pipes_devices_and_huge_files_without_reading_them(host
 
 
 def test_training_skips_and_counts_them(hostile_csv, tmp_path):
-    code, out = mmcl("train", str(DEBUG_CONFIG), f"--data.train={hostile_csv}", "--data.validation=null",
+    code, out = mmcl("train", str(DEBUG_CONFIG), f"--data.train={hostile_csv}", "--data.validation=null", "--data.validation_share=0",
                      f"--train.output_dir={tmp_path / 'run'}", "--train.per_device_batch_size=4",
                      "--train.max_steps=4", "--train.checkpoint_every=0", "--train.progress_bar=false",
                      "--data.max_image_bytes=1000000", "--hub.export=false")

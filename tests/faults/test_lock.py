@@ -36,12 +36,12 @@ def test_a_second_run_is_refused_while_the_first_lives_and_takes_over_when_it_is
     out = tmp_path / "run"
     first = subprocess.Popen(
         [sys.executable, "-m", "mmcl.cli", "train", str(DEBUG_CONFIG), f"--train.output_dir={out}",
-         f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
+         f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
          "--train.max_steps=1000000", "--train.checkpoint_every=0", "--train.progress_bar=false"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_lock(out, first.pid, first)
-        second = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=2",
+        second = [f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.max_steps=2",
                   "--train.checkpoint_every=0"]
         with pytest.raises(FileExistsError, match=rf"{out} is in use by another run \(pid {first.pid} on "):
             train(debug_config(out, emoji_cache, *second))

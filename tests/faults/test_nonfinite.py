@@ -30,7 +30,7 @@ def poison(monkeypatch, bad_batches):
 
 
 def common(small_emoji, *extra):
-    return (f"--data.train={small_emoji}", "--data.validation=null", "--train.log_every=1",
+    return (f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.log_every=1",
             "--train.lr_scheduler=constant", "--train.warmup_steps=0", "--train.keep_last=0", *extra)
 
 

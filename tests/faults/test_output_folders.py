@@ -43,7 +43,7 @@ def test_wise_ft_and_export_refuse_the_users_folder_and_files(tmp_path, capsys):
 
 
 def test_a_new_run_does_not_mix_into_an_earlier_runs_folder(tmp_path, emoji_cache, small_emoji):
-    common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=2",
+    common = [f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.max_steps=2",
               "--train.checkpoint_every=1"]
     out = tmp_path / "run"
     train(debug_config(out, emoji_cache, *common))
@@ -61,7 +61,7 @@ def test_a_new_run_does_not_mix_into_an_earlier_runs_folder(tmp_path, emoji_cach
 
 
 def test_a_resume_refuses_another_runs_tokenizer(tmp_path, emoji_cache, small_emoji):
-    common = [f"--data.train={small_emoji}", "--data.validation=null", "--train.max_steps=2",
+    common = [f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.max_steps=2",
               "--train.checkpoint_every=2"]
     out = tmp_path / "run"
     train(debug_config(out, emoji_cache, *common))

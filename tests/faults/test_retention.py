@@ -29,7 +29,7 @@ def planted(monkeypatch, values):
 def test_a_planted_drop_is_logged_and_stops_the_run_with_a_checkpoint(tmp_path, emoji_cache, small_emoji,
                                                                       monkeypatch):
     planted(monkeypatch, [0.8, 0.7, 0.4, 0.4])
-    config = debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null",
+    config = debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
                           f"--eval.sets={KEEP}", "--eval.retention=[keep/top1]", "--eval.stop_if_retention_below=0.6",
                           "--train.max_steps=6", "--train.checkpoint_every=0")
     with pytest.raises(RetentionError, match=r"step 4: keep/top1 is 0\.500 x its step-0 value 0\.8, below "
@@ -43,7 +43,7 @@ def test_a_planted_drop_is_logged_and_stops_the_run_with_a_checkpoint(tmp_path, 
 
 
 def test_a_retention_metric_must_name_a_set_and_a_metric(tmp_path, emoji_cache, small_emoji, monkeypatch):
-    common = [f"--data.train={small_emoji}", "--data.validation=null", f"--eval.sets={KEEP}", "--train.max_steps=1"]
+    common = [f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", f"--eval.sets={KEEP}", "--train.max_steps=1"]
     with pytest.raises(ConfigError, match=r"eval.retention: kept/top1 names no evaluation set; the sets are: keep"):
         train(debug_config(tmp_path / "a", emoji_cache, *common, "--eval.retention=[kept/top1]"))
     planted(monkeypatch, [0.8])

@@ -30,14 +30,14 @@ class Payload:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, emoji_cache, small_emoji):
     out = tmp_path_factory.mktemp("trusted") / "run"
-    train(debug_config(out, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null",
+    train(debug_config(out, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
                        "--train.max_steps=2", "--train.checkpoint_every=2", "--loss.queue_size=16"))
     return out
 
 
 def resume(out, emoji_cache, small_emoji):
     cmd = [sys.executable, "-m", "mmcl.cli", "train", str(DEBUG_CONFIG), f"--train.output_dir={out}",
-           f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
+           f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
            "--train.max_steps=3", "--train.checkpoint_every=2", "--loss.queue_size=16", "--train.progress_bar=false",
            "--hub.export=false", "--train.resume=latest"]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ from tests.conftest import DEBUG_CONFIG, REPO, free_port, one_thread
 def run(nproc, batch, out, emoji_cache, small_emoji, tokenizer, loss_args=()):
     """One process: here (one thread, as the launched ones); two: a torchrun launch."""
     args = ["train", str(DEBUG_CONFIG), f"--model.tokenizer={tokenizer}", f"--train.output_dir={out}",
-            f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
+            f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
             f"--train.per_device_batch_size={batch}", "--train.max_steps=2", "--train.log_every=1",
             "--train.checkpoint_every=0", "--train.progress_bar=false", "--train.warmup_steps=0", *loss_args]
     if nproc == 1:

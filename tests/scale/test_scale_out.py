@@ -34,7 +34,7 @@ STEPS = 6
 
 def train_args(out, emoji_cache, small_emoji, tokenizer, batch, *extra):
     return ["mmcl.cli", "train", str(DEBUG_CONFIG), f"--model.tokenizer={tokenizer}", f"--train.output_dir={out}",
-            f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null",
+            f"--data.cache_dir={emoji_cache}", f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
             f"--train.per_device_batch_size={batch}", f"--train.max_steps={STEPS}", "--train.log_every=1",
             "--train.checkpoint_every=3", "--train.keep_last=0", "--train.progress_bar=false",
             "--train.warmup_steps=0", "--hub.export=false", *extra]

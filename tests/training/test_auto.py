@@ -36,7 +36,7 @@ def test_a_value_the_user_gave_wins():
 
 def test_a_run_prints_and_saves_its_choices_and_a_resume_keeps_them(tmp_path, emoji_cache, small_emoji):
     """Through the CLI, in fresh processes: Accelerate keeps one mixed precision per process."""
-    args = [f"--data.train={small_emoji}", "--data.validation=null", "--train.checkpoint_every=1",
+    args = [f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0", "--train.checkpoint_every=1",
             "--train.mixed_precision=auto", "--train.lr_scheduler=constant"]
     said = resume_through_the_cli(tmp_path, emoji_cache, *args, "--train.max_steps=2")
     expected = "bf16" if detect_device().bf16 else "no"

@@ -61,7 +61,7 @@ def test_a_run_waiting_for_data_says_so_once_and_logs_its_figures(tmp_path, emoj
 
     slow = PairDataset.__getitem__
     monkeypatch.setattr(PairDataset, "__getitem__", lambda self, i: (time.sleep(0.02), slow(self, i))[1])
-    metrics = train(debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null",
+    metrics = train(debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null", "--data.validation_share=0",
                                  "--train.max_steps=6", "--train.log_every=2", "--train.checkpoint_every=0"))
     said = capsys.readouterr().out
     assert said.count("of the step time waited for data (data.num_workers=0)") == 1
