@@ -40,6 +40,7 @@ MODEL_CONFIG_NAME = "mmcl_config.json"  # what DualEncoder.from_pretrained rebui
 TRAINING_CONFIG_NAME = "mmcl_training_config.yaml"  # the resolved Config, scrubbed
 INFO_NAME = "mmcl_info.json"  # e.g. the step and metric value of a best model
 EXPORT_INFO_NAME = "mmcl_export.json"  # what an export holds and why
+ZERO_SHOT_NAME = "mmcl_zero_shot.json"  # the training captions' style and the prompt templates that match it
 STATE_NAME = "mmcl_train_state.json"  # written last into a checkpoint: its presence marks it complete
 METRICS_NAME = "metrics.json"
 CHECKPOINTS_DIR, PROCESSOR_DIR, LOGS_DIR = "checkpoints", "processor", "logs"
@@ -368,6 +369,14 @@ def trained_text_inputs(folder: str | os.PathLike, default_length: int = 77) -> 
     """(max caption length, padding) a model was trained with, from its saved training config."""
     model = (load_training_config(folder) or {}).get("model") or {}
     return int(model.get("max_text_length") or default_length), str(model.get("text_padding") or "longest")
+
+
+def recommended_templates(folder: str | os.PathLike) -> str | None:
+    """The prompt templates a model folder recommends for zero-shot (`simple`, `name`, ...: the style of
+    the captions it was trained on), or None when it records none (a model from elsewhere)."""
+    found = read_json(Path(folder) / ZERO_SHOT_NAME) if Path(folder).is_dir() else None
+    templates = found.get("templates") if isinstance(found, dict) else None
+    return templates if isinstance(templates, str) and templates in ("simple", "ensemble", "name") else None
 
 
 def write_json(path: Path, value: Any) -> None:

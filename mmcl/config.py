@@ -247,7 +247,8 @@ class EvalSpec(SourceSpec):
     image_id_column: str | None = option(None, "retrieval: rows sharing this id are one image")
     label_column: str = option("label", "zero_shot: the column with each image's class")
     class_names: str | list[str] | None = option(None, "zero_shot: a list, 'a,b,c' or a file, one per line")
-    templates: str = option("simple", "zero_shot prompts: simple | ensemble | name | a file")
+    templates: str = option("auto", "zero_shot prompts: auto (what the model recommends from the style of its "
+                                    "training captions, else simple) | simple | ensemble | name | a file")
     per_class_prompts: str | None = option(None, "zero_shot: a JSON file {class name: [prompt, ...]}")
     every: int = option(0, "during training: every N steps (0: only at the end)")
     max_samples: int | None = option(None, "evaluate on at most this many rows")

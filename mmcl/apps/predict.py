@@ -122,9 +122,10 @@ def _write_embeddings(out: dict[str, Any], path: Path) -> None:
 
 
 def predict(bundle: EncoderBundle, accelerator: Accelerator, paths: list[Path], labels: list[str],
-            templates: str = "simple", top_k: int = 5) -> list[dict]:
-    """Zero-shot classify image files (see `list_images`): per image, the top-k labels with probabilities."""
-    template_list = load_templates(templates)
+            templates: str = "auto", top_k: int = 5) -> list[dict]:
+    """Zero-shot classify image files (see `list_images`): per image, the top-k labels with probabilities.
+    `templates: auto` is what the model recommends (the style of its training captions), else simple."""
+    template_list = load_templates(templates, bundle.templates)
     classes = zero_shot_classifier(lambda texts: text_embeddings(bundle, accelerator, texts), labels,
                                    template_list)  # (C, D)
     embeds, valid = image_embeddings(bundle, accelerator, paths)

@@ -102,7 +102,8 @@ def register(sub: Any) -> None:
     p.add_argument("images", nargs="+", help="image files and/or folders")
     p.add_argument("--labels", help="comma-separated labels")
     p.add_argument("--labels-file", help="one label per line (or a JSON list)")
-    p.add_argument("--templates", default="simple", help="simple | ensemble | name | a file")
+    p.add_argument("--templates", default="auto", help="auto (the model's recommendation, from the style of its "
+                                                       "training captions; else simple) | simple | ensemble | name | a file")
     p.add_argument("--top-k", type=positive, default=5, help="labels shown per image")
     p.add_argument("--output", help="write predictions to .csv or .json")
     p.set_defaults(func=predict, parser=p)

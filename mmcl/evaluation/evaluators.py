@@ -73,7 +73,7 @@ def zero_shot_evaluation(bundle: EncoderBundle, ds: datasets.Dataset, spec: Eval
     """
     names, labels = class_labels(ds, spec)
     classes = zero_shot_classifier(lambda texts: embed_texts(bundle, texts, accelerator, cfg.batch_size), names,
-                                   load_templates(spec.templates), load_per_class_prompts(spec.per_class_prompts))
+                                   load_templates(spec.templates, bundle.templates), load_per_class_prompts(spec.per_class_prompts))
     image_embeds, valid = embed_images(bundle, ds, spec.image_column, accelerator, cfg.batch_size, progress=True)
     logits = image_embeds[valid] @ classes.T  # (N, C)
     labels = labels[valid]

@@ -4,9 +4,10 @@ embedding is the re-normalised mean over its prompts' embeddings (CLIP's prompt 
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import datasets
 import torch
@@ -44,14 +45,39 @@ ENSEMBLE = [
 BUILTIN = {"simple": SIMPLE, "ensemble": ENSEMBLE, "name": ["{}"]}
 
 
-def load_templates(spec: str) -> list[str]:
+PHOTO_OPENINGS = ("a photo of", "a picture of", "an image of", "a photograph of", "a close-up of")
+
+
+def caption_style(captions: Iterable[str], limit: int = 2000) -> dict[str, Any]:
+    """The style of the training captions and the templates that match it: `names` (short captions that
+    do not open like a sentence, e.g. "red heart"; a model trained on them ranks a bare class name
+    best) -> `name`; `sentences` -> `simple` ("a photo of a {}."). Saved with the model, it is what
+    `templates: auto` means for `predict`, `demo`, `eval` and the card."""
+    words, sentence_like, count = [], 0, 0
+    for caption in itertools.islice(captions, limit):
+        text = caption.strip().lower()
+        words.append(len(text.split()))
+        sentence_like += text.startswith(PHOTO_OPENINGS + ("a ", "an ", "the ")) or text.endswith(".")
+        count += 1
+    if not count:
+        return {"caption_style": "unknown", "templates": "simple", "captions": 0}
+    median = float(sorted(words)[len(words) // 2])
+    names = median <= 4 and sentence_like / count < 0.5
+    return {"caption_style": "names" if names else "sentences", "templates": "name" if names else "simple",
+            "median_words": median, "sentence_like_share": round(sentence_like / count, 4), "captions": count}
+
+
+def load_templates(spec: str, recommended: str | None = None) -> list[str]:
     """`simple`, `ensemble`, `name` (the bare class name), or a file: a JSON list, or one
-    template per line; every template holds one `{}` for the class name."""
+    template per line; every template holds one `{}` for the class name. `auto`: the model's
+    `recommended` templates (the style of its training captions), else `simple`."""
+    if spec == "auto":
+        spec = recommended or "simple"
     if spec in BUILTIN:
         return list(BUILTIN[spec])
     path = Path(spec)
     if not path.is_file():
-        raise ConfigError(f"templates '{spec}': not one of {', '.join(BUILTIN)} and no such file")
+        raise ConfigError(f"templates '{spec}': not auto, one of {', '.join(BUILTIN)} or a file")
     text = path.read_text(encoding="utf-8")
     templates = json.loads(text) if path.suffix == ".json" else [t for t in text.splitlines() if t.strip()]
     bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]

@@ -22,7 +22,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..artifacts import (EXPORT_INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, WEIGHTS_NAME, is_hub_id, read_json,
-                         scrub_secrets)
+                         ZERO_SHOT_NAME, recommended_templates, scrub_secrets)
 
 BUILTIN_EMOJI = "builtin:emoji"
 _RETRIEVAL = re.compile(r"^(image_to_text|text_to_image)_(R@\d+|median_rank|mean_rank)$")
@@ -237,11 +237,10 @@ model = DualEncoder.from_pretrained("{repo}")  # a local folder; the tokenizer a
 ```'''
 
 
-def _template(config: dict[str, Any]) -> str:
-    for spec in (_get(config, "eval.sets") or {}).values():
-        if isinstance(spec, dict) and spec.get("task") == "zero_shot" and spec.get("templates") == "name":
-            return "{}"
-    return "a photo of a {}."  # mmcl's "simple" template
+def _template(folder: Path) -> str:
+    """The prompt the folder's model recommends (the style of its training captions: bare names for
+    names), else mmcl's "simple" template."""
+    return "{}" if recommended_templates(folder) == "name" else "a photo of a {}."
 
 
 def _body(folder: Path, name: str, repo: str, config: dict[str, Any], results: list[EvalResult],
@@ -275,10 +274,15 @@ def _body(folder: Path, name: str, repo: str, config: dict[str, Any], results: l
         parts += ["Values are fractions in [0, 1] (ranks for `*_rank`). Retrieval counts every caption of "
                   "every image; zero-shot classification prompts each class name with templates.", ""]
     parts += ["## Usage", ""]
+    style = read_json(folder / ZERO_SHOT_NAME)
+    if isinstance(style, dict) and style.get("caption_style") in ("names", "sentences"):
+        parts += [f"Trained on captions that are {'short names' if style['caption_style'] == 'names' else 'sentences'} "
+                  f"(median {style.get('median_words')} words): for zero-shot, prompt each class as "
+                  f"`{_template(folder)}` (mmcl's `--templates auto` does).", ""]
     if (folder / "config.json").is_file():
-        parts += ["With `transformers`:", "", _transformers_usage(repo, _template(config)), ""]
+        parts += ["With `transformers`:", "", _transformers_usage(repo, _template(folder)), ""]
     if (folder / "modules.json").is_file():
-        parts += ["With `sentence-transformers`:", "", _st_usage(repo, _template(config)), ""]
+        parts += ["With `sentence-transformers`:", "", _st_usage(repo, _template(folder)), ""]
     if not (folder / "config.json").is_file() and not (folder / "modules.json").is_file():
         parts += ["This folder is in mmcl's own format; mmcl's export turns it into a transformers / "
                   "sentence-transformers folder.", "", _mmcl_usage(repo), ""]

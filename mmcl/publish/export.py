@@ -23,13 +23,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import (EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, atomic_dir,
-                         scrub_config_files)
+from ..artifacts import (EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, ZERO_SHOT_NAME,
+                         atomic_dir, scrub_config_files)
 from ..towers.backbones import BackboneTower, NoTransformersCopy, as_transformers
 from ..towers.inference import EncoderBundle, load_encoder
 from ..towers.model import DualEncoder
 
-COPIED = (TRAINING_CONFIG_NAME, INFO_NAME)  # metadata for the model card
+COPIED = (TRAINING_CONFIG_NAME, INFO_NAME, ZERO_SHOT_NAME)  # metadata for the model card; the templates for mmcl
 TOLERANCE = 1e-4  # max abs difference of unit-norm embeddings accepted at export time
 PROBE_TEXTS = ["a photo of a cat", "red apple", " ".join(["a long caption, longer than any max length"] * 40)]
 Probe = dict[str, torch.Tensor]  # probe inputs and mmcl's embeddings of them ("text", "image")

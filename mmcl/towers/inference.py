@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import MODEL_CONFIG_NAME, check_model_reference, load_pretrained, trained_text_inputs
+from ..artifacts import (MODEL_CONFIG_NAME, check_model_reference, load_pretrained, recommended_templates,
+                         trained_text_inputs)
 from ..config import ConfigError
 from .model import DualEncoder, DualEncoderOutput, Encoder
 
@@ -68,6 +69,7 @@ class EncoderBundle:
     text_padding: str = "longest"  # SigLIP was trained on max_length padding and needs it
     max_length: int = 77  # captions are truncated to this many tokens
     name: str = ""  # the folder or Hub id it was loaded from
+    templates: str | None = None  # zero-shot templates its training captions call for (`templates: auto`)
 
     def to(self, device: torch.device | str) -> "EncoderBundle":
         self.encoder.to(device)
@@ -107,10 +109,10 @@ def load_encoder(name: str, trust_remote_code: bool = False) -> EncoderBundle:
         model = DualEncoder.from_pretrained(name).eval()
         positions = model.config.text_config.get("max_position_embeddings")  # no longer text than the tower reads
         max_length = min(max_length, positions) if isinstance(positions, int) else max_length
-        return EncoderBundle(model, tokenizer, image_processor, padding, max_length, name)
+        return EncoderBundle(model, tokenizer, image_processor, padding, max_length, name, recommended_templates(name))
     model = load_hf_dual_encoder(name, SUPPORTED, trust_remote_code).eval()
     tokenizer, image_processor = load_processors(name, trust_remote_code)
     siglip = model.config.model_type.startswith("siglip")
     max_length = 64 if siglip else min(77, getattr(tokenizer, "model_max_length", 77))
     return EncoderBundle(HFEncoder(model), tokenizer, image_processor, "max_length" if siglip else "longest",
-                         max_length, name)
+                         max_length, name, recommended_templates(name))

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors import safe_open
 
-from ..artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, atomic_dir, explain_write_errors,
+from ..artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, ZERO_SHOT_NAME, atomic_dir, explain_write_errors,
                         folder_bytes, replace_dir, save_training_config, scrub_config_files, staging_dir, write_json)
 from ..config import ConfigError
 from ..data.pairs import SkipCounter, Skipped
@@ -237,7 +237,8 @@ def set_aside_newer(folder: Path, step: int, accelerator: Accelerator) -> None:
 
 
 def save_final(model: Any, tokenizer: Any, image_processor: Any, config: dict[str, Any], final: Path,
-               info: dict[str, Any] | None = None, state_dict: dict[str, Any] | None = None) -> None:
+               info: dict[str, Any] | None = None, state_dict: dict[str, Any] | None = None,
+               zero_shot: dict[str, Any] | None = None) -> None:
     """The trained model with its tokenizer, image processor and resolved config (`Config.to_dict()`), atomically;
     `info` (e.g. the step and metric of a best model) goes to `mmcl_info.json`; `state_dict`: the
     full weights gathered from a sharded `model` (`accelerator.get_state_dict`). A full disk or an
@@ -252,4 +253,6 @@ def save_final(model: Any, tokenizer: Any, image_processor: Any, config: dict[st
         save_training_config(tmp, config)  # nothing secret-looking
         if info:
             write_json(tmp / INFO_NAME, info)
+        if zero_shot:  # the training captions' style and the templates that match it
+            write_json(tmp / ZERO_SHOT_NAME, zero_shot)
         scrub_config_files(tmp)

@@ -194,7 +194,8 @@ class Trainer:
         if acc.is_main_process:
             state = state if state is not None else merged_weights(self.unwrapped)
             bundle = self.run.bundle
-            ckpt.save_final(self.unwrapped, bundle.tokenizer, bundle.image_processor, self.run.config, folder, info, state)
+            ckpt.save_final(self.unwrapped, bundle.tokenizer, bundle.image_processor, self.run.config, folder, info, state,
+                            self.run.zero_shot)
         acc.wait_for_everyone()
 
     def train(self) -> dict[str, float]:

@@ -27,6 +27,7 @@ from ..data.loader import (TrainBatches, build_stream, build_train_loader, count
 from ..data.pairs import PairCollator, PairRecipe, SkipCounter
 from ..evaluation.evaluators import eval_specs, load_eval_datasets
 from ..evaluation.retention import Retention
+from ..evaluation.zero_shot import caption_style
 from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias
 from ..towers.build import build_image_processor, build_model, build_tokenizer, fit_text_config
 from ..towers.inference import EncoderBundle, load_encoder, load_processors
@@ -61,6 +62,7 @@ class Run:
     frozen: str | None  # SHA-256 of the frozen weights (checkpoints leave them out); None when all train
     processors: str  # SHA-256 of the tokenizer and image processor files: a resume must have the same
     skipped: SkipCounter
+    zero_shot: dict[str, Any]  # the training captions' style and matching templates, saved with the model
     resumed: dict[str, Any] | None = None
 
 
@@ -113,11 +115,12 @@ def setup(config: Config, lock: RunLock) -> Run:
     # what checkpoints keep: with frozen weights, what trains (a resume rebuilds the rest from the config)
     training = TrainingState(prepared_model, optimizer, scheduler, objective if objective.has_state() else None,
                              saved_tensors(model) if frozen else None)
+    zero_shot = caption_style(train_captions(train_ds, config.data))
     bundle = EncoderBundle(prepared_model, tokenizer, image_processor, config.model.text_padding,
-                           config.model.max_text_length)
+                           config.model.max_text_length, templates=zero_shot["templates"])
     run = Run(acc, output_dir, prepared_model, optimizer, scheduler, objective, training, batches, bundle, evals,
               retention, scrub_secrets(config.to_dict()), geometry(t, config.data.streaming, acc), frozen,
-              folder_sha256(output_dir / PROCESSOR_DIR), SkipCounter())
+              folder_sha256(output_dir / PROCESSOR_DIR), SkipCounter(), zero_shot)
     # 8. resume, or a fresh log
     if resume_dir is not None:
         run.resumed = resume(run, resume_dir, acc.unwrap_model(prepared_model))

@@ -89,3 +89,28 @@ def test_the_demo_classifies_an_uploaded_emoji_and_shows_a_search_grid(tmp_path,
         server.kill()
         server.communicate(timeout=60)
     assert Path(tmp_path / "search.png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason='gradio is not installed: pip install "mmcl[demo]"')
+def test_the_demo_says_why_an_image_cannot_be_read_and_offers_the_templates(tmp_path):
+    """The page's classify function on a file that is not an image: gradio shows the gr.Error's text,
+    which names the file and the decoder's reason (not a bare "Error")."""
+    import gradio as gr
+
+    from mmcl.apps.demo import build_demo
+    from tests.conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", "red heart cat car tree")
+    demo = build_demo(str(model))
+    classify = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "classify")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a png")
+    with pytest.raises(gr.Error, match=r"broken.png: cannot read this image \(\w+Error: .+\)"):
+        classify(str(broken), "red heart, cat", "auto")
+    good = tmp_path / "good.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(good)
+    assert set(classify(str(good), "red heart, cat", "name")) == {"red heart", "cat"}
+    dropdown = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown))
+    assert [c[0] for c in dropdown.choices] == ["auto", "name", "simple", "ensemble"]
