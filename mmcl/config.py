@@ -207,7 +207,10 @@ class TrainConfig:
     find_unused_parameters: bool = option(False, "DDP: a tower has parameters its pooling never uses (slower)")
     collective_timeout_s: int = option(1800, "multi-process: a process waits this long for the others in a "
                                              "collective before the job fails (a hung, not dead, process)")
-    report_to: Literal["auto", "tensorboard", "jsonl", "none"] = option("auto", "the tracker")
+    report_to: list[str] | str = option(
+        "auto", "trackers besides logs/metrics.jsonl (always written: mmcl plot and resume read it): a list or "
+                "comma-separated names of Accelerate's trackers (tensorboard, wandb, mlflow, comet_ml, trackio, aim, "
+                "clearml, dvclive, swanlab, all), auto (tensorboard when installed), none or jsonl (the file only)")
     progress_bar: bool = option(True, "show a progress bar")
 
 

@@ -276,6 +276,9 @@ def validate(config: Config) -> None:
     if m.lora and config.loss.queue_size and config.loss.momentum:
         raise ConfigError("loss.momentum > 0 with model.lora: the momentum copy would average each adapter's two "
                           "factors, not their product; set loss.momentum=0 (a queue of the model's own embeddings)")
+    from .training.tracking import tracker_names
+
+    tracker_names(config.train.report_to)  # a name no tracker has fails now, not after the data loads
     for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
         if getattr(config.train, key) < 1:
             raise ConfigError(f"'train.{key}' must be >= 1")

@@ -92,7 +92,8 @@ train:
   warmup_steps: {warmup}
   eval_every: {every}
   checkpoint_every: {every}
-  report_to: auto  # a log in logs/metrics.jsonl (mmcl plot reads it), plus tensorboard when installed
+  report_to: auto  # logs/metrics.jsonl always (mmcl plot reads it); auto adds tensorboard when installed;
+                   # or a list of Accelerate's trackers, e.g. [wandb, mlflow]
 eval:
   sets: {{}}
   # Zero-shot classification on labelled images of your own, e.g.

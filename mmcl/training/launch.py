@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.state import PartialState
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list
 
-from ..artifacts import RunLock
+from ..artifacts import LOGS_DIR, RunLock
 from ..config import ConfigError, StopError, TrainConfig
 
 ROLL_CALL_S = 15.0  # after a failed collective, how long the survivors wait for each other to answer
@@ -37,7 +37,9 @@ def build_accelerator(cfg: TrainConfig, log_with: Any = None) -> Accelerator:
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
-        project_dir=cfg.output_dir,
+        # trackers that keep files (tensorboard) keep them in the run's logs/, beside metrics.jsonl
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=os.path.join(cfg.output_dir, LOGS_DIR)),
         # the same shuffled order on every rank and in every run with the same seed: exact resume
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         # the schedule counts optimizer steps of the global batch, whatever the number of processes

@@ -1,5 +1,5 @@
-"""Where the health signals go: the training progress bar, and an Accelerate tracker (tensorboard
-when installed, else a JSON-lines file that needs nothing)."""
+"""Where the health signals go: the training progress bar, a JSON-lines log that is always written
+(`mmcl plot` and a resume read it), and any of Accelerate's trackers (`train.report_to`)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker
+from accelerate.tracking import GeneralTracker, MLflowTracker
 from tqdm.auto import tqdm
 
 from ..artifacts import LOG_NAME, LOGS_DIR
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..progress import progress
 
 
@@ -101,12 +101,55 @@ def drop_torn_line(path: Path) -> None:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-def build_trackers(report_to: str, output_dir: Path) -> list[Any]:
-    if report_to == "none":
-        return []
-    if report_to == "tensorboard" or (report_to == "auto" and importlib.util.find_spec("tensorboard")):
-        return ["tensorboard"]
-    return [JsonlTracker(output_dir)]
+OWN_NAMES = ("auto", "jsonl", "none")
+PACKAGES = {"comet_ml": "comet-ml", "mlflow": "mlflow (or mlflow-skinny)"}  # where pip's name is not the tracker's
+
+
+def tracker_names(report_to: str | list[str]) -> list[str]:
+    """`train.report_to` as a list of names, each one mmcl or Accelerate knows (else a ConfigError)."""
+    from accelerate.utils import LoggerType
+
+    names = [n.strip() for n in (report_to.split(",") if isinstance(report_to, str) else report_to) if n.strip()]
+    known = list(OWN_NAMES) + LoggerType.list()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"train.report_to: '{name}' is not a tracker; choose from {', '.join(known)}")
+    return names
+
+
+def build_trackers(report_to: str | list[str], output_dir: Path) -> list[Any]:
+    """The JSON-lines log, and the trackers `report_to` names (Accelerate's, by name; wandb and mlflow
+    as instances that keep their files in the run's logs/ and, for mlflow, its metric-name rules).
+    A named tracker that is not installed is an error, not a silent drop."""
+    from accelerate.tracking import get_available_trackers
+
+    trackers: list[Any] = [JsonlTracker(output_dir)]
+    available = {str(t) for t in get_available_trackers()}
+    for name in dict.fromkeys(tracker_names(report_to)):
+        if name == "auto":
+            trackers += ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+        elif name == "all":
+            trackers.append("all")
+        elif name not in OWN_NAMES and name not in available:
+            raise ConfigError(f"train.report_to: {name} is not installed here: pip install {PACKAGES.get(name, name)}")
+        elif name == "wandb":
+            from accelerate.tracking import WandBTracker
+
+            trackers.append(WandBTracker("mmcl", dir=str(Path(output_dir) / LOGS_DIR), name=Path(output_dir).name))
+        elif name == "mlflow":
+            trackers.append(MlflowTracker("mmcl", run_name=Path(output_dir).name))
+        elif name not in OWN_NAMES:
+            trackers.append(name)
+    return list(dict.fromkeys(trackers))
+
+
+class MlflowTracker(MLflowTracker):
+    """Accelerate's MLflow tracker, with metric names MLflow accepts: it refuses '@', so R@k is logged
+    as R_at_k (every other name as in the JSON-lines log). Where runs go is MLflow's own setting
+    (MLFLOW_TRACKING_URI)."""
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        super().log({k.replace("@", "_at_"): v for k, v in values.items()}, step=step, **kwargs)
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -126,6 +126,7 @@ def test_init_writes_a_starter_config_that_trains(tmp_path, monkeypatch, emoji_c
     assert code == 2 and "never overwrites" in err and (tmp_path / "pairs.yaml").read_text() == text
     code, out, err = call(["train", "pairs.yaml", "--train.max_steps=2", "--train.report_to=jsonl",
                            "--hub.export=false", "--train.progress_bar=false", "--model.tokenizer_vocab_size=300",
+                           "--train.mixed_precision=no",  # in-process: the Accelerate state of earlier tests
                            f"--data.cache_dir={emoji_cache}", "--train.per_device_batch_size=64"])
     assert code == 0, err[-2000:]
     assert "2 of 40 rows" in out and "held out as 'val'" in out

@@ -45,6 +45,7 @@ FORBIDDEN = ["optimizer.bin", "random_states_0.pkl", "pytorch_model.bin", "sched
 
 def training_config() -> dict:
     config = Config().to_dict()
+    config["data"]["validation"] = "builtin:emoji"  # as the quickstart: its own held-out emoji
     config["model"].update(text_model="sentence-transformers/all-MiniLM-L6-v2", text_pooling="mean",
                            vision_model="/home/someone/private/vit-tiny", vision_pooling="cls", projection_dim=16)
     config["eval"]["sets"] = {"zs_emoji": {"task": "zero_shot", "dataset": "builtin:emoji",
@@ -145,6 +146,9 @@ def test_the_card_of_a_csv_trained_run_is_true(tmp_path):
     assert "Evaluated (not trained) on mmcl's built-in OpenMoji set" in text and "Trained on mmcl" not in text
     assert "demonstration, not a photo model" not in text and "/home/someone" not in text
     assert meta["model-index"][0]["results"][0]["dataset"]["type"] == "openmoji"  # an evaluation result
+    held = metadata_load(write_model_card(folder, config, {"val/image_to_text_R@1": 0.5}))  # no validation named
+    dataset = held["model-index"][0]["results"][0]["dataset"]
+    assert dataset["type"] == "pairs.csv" and dataset["name"] == "pairs.csv: a held-out 0.05 of its images (not trained on)"
 
     config["hub"].update(license="apache-2.0", datasets=["me/my-captions"], language=["en", "de"],
                          base_model=["openai/clip-vit-base-patch32"])
