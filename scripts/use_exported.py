@@ -23,9 +23,11 @@ def with_transformers(folder: str, images: list[Image.Image], labels: list[str])
 
     root = Path(folder)
     scale = torch.tensor(json.loads((root / "mmcl_export.json").read_text())["logit_scale"]).exp()
-    if (root / "config.json").is_file():
-        model = AutoModel.from_pretrained(folder).eval()
-        inputs = AutoProcessor.from_pretrained(folder)(text=labels, images=images, return_tensors="pt", padding=True)
+    if (root / "config.json").is_file():  # a native class, or the remote code an export ships without one
+        remote = (root / "modeling_mmcl.py").is_file()
+        model = AutoModel.from_pretrained(folder, trust_remote_code=remote).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=remote)
+        inputs = processor(text=labels, images=images, return_tensors="pt", padding=True)
         with torch.no_grad():
             return type(model).__name__, model(**inputs).logits_per_image.softmax(dim=-1)
     text = tower_embeddings(root, "text", labels)

@@ -24,7 +24,9 @@ def publish_run(output_dir: str | Path, hub: HubConfig, metrics: dict[str, float
     report = export_model(output_dir / FINAL_DIR, export_dir)
     write_json(export_dir / METRICS_NAME, metrics)  # for the card; never uploaded
     ensure_model_card(export_dir, hub.repo_id, model_name=hub.repo_id or output_dir.name)
-    say(f"exported to {export_dir} ({report.native_class or 'sentence-transformers only'})")
+    kind = report.native_class or (f"{report.remote_code_class} with trust_remote_code, sentence-transformers"
+                                   if report.remote_code_class else "sentence-transformers only")
+    say(f"exported to {export_dir} ({kind})")
     if hub.push:
         say(f"pushed to the Hub: {push_with_config(export_dir, hub)}")
     return export_dir

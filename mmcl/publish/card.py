@@ -229,6 +229,27 @@ print(labels[int(scores.argmax())])
 ```'''
 
 
+def _remote_code_usage(repo: str, template: str) -> str:
+    prompt = template.replace("{}", "{label}")
+    return f'''```python
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+# runs modeling_mmcl.py from the repo (the towers, mmcl's pooling and projections): read it first
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)  # reads the same config.json
+
+labels = ["red apple", "rocket", "dog face"]
+inputs = processor(text=[f"{prompt}" for label in labels], images=[Image.open("image.png").convert("RGB")],
+                   padding=True, truncation=True, return_tensors="pt")
+with torch.no_grad():
+    out = model(**inputs)  # unit-norm text_embeds (3, D), image_embeds (1, D); logits_per_image (1, 3)
+probs = out.logits_per_image.softmax(dim=-1)  # zero-shot
+print(dict(zip(labels, probs[0].tolist())))
+```'''
+
+
 def _mmcl_usage(repo: str) -> str:
     return f'''```python
 from mmcl.towers.model import DualEncoder
@@ -279,7 +300,10 @@ def _body(folder: Path, name: str, repo: str, config: dict[str, Any], results: l
         parts += [f"Trained on captions that are {'short names' if style['caption_style'] == 'names' else 'sentences'} "
                   f"(median {style.get('median_words')} words): for zero-shot, prompt each class as "
                   f"`{_template(folder)}` (mmcl's `--templates auto` does).", ""]
-    if (folder / "config.json").is_file():
+    if (folder / "modeling_mmcl.py").is_file():
+        parts += ["With `transformers` (remote code: this model has no built-in transformers class):", "",
+                  _remote_code_usage(repo, _template(folder)), ""]
+    elif (folder / "config.json").is_file():
         parts += ["With `transformers`:", "", _transformers_usage(repo, _template(folder)), ""]
     if (folder / "modules.json").is_file():
         parts += ["With `sentence-transformers`:", "", _st_usage(repo, _template(folder)), ""]

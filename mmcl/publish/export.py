@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..artifacts import (EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAININ
                          atomic_dir, scrub_config_files)
 from ..towers.backbones import BackboneTower, NoTransformersCopy, as_transformers
 from ..towers.inference import EncoderBundle, load_encoder
-from ..towers.model import DualEncoder
+from ..towers.model import DualEncoder, tower_width
 
 COPIED = (TRAINING_CONFIG_NAME, INFO_NAME, ZERO_SHOT_NAME)  # metadata for the model card; the templates for mmcl
 TOLERANCE = 1e-4  # max abs difference of unit-norm embeddings accepted at export time
@@ -46,10 +46,12 @@ class ExportReport:
     logit_scale: float  # ln(1 / temperature); the ST route does not carry it, so it is kept here
     logit_bias: float | None = None  # the SigLIP loss's learned bias, kept here (no exported class holds it)
     notes: list[str] = field(default_factory=list)
+    remote_code_class: str | None = None  # without a native class: transformers with trust_remote_code=True
     max_abs_diff: dict[str, float] = field(default_factory=dict)  # "<route> <modality>" -> vs mmcl
 
     def __str__(self) -> str:
-        lines = [f"transformers native class: {self.native_class or 'none'}",
+        lines = [f"transformers native class: {self.native_class or 'none'}"
+                 + (f" (remote code: {self.remote_code_class}, trust_remote_code=True)" if self.remote_code_class else ""),
                  f"sentence-transformers: {'yes' if self.sentence_transformers else 'no'}"]
         lines += [f"max |diff| vs mmcl, {k}: {v:.2e}" for k, v in self.max_abs_diff.items()]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
@@ -204,6 +206,69 @@ def _export_st(bundle: EncoderBundle, folder: Path, report: ExportReport, probe:
         report.notes.append(f"sentence-transformers does not reproduce mmcl's embeddings ({diffs}); not exported")
 
 
+REMOTE_CODE = Path(__file__).with_name("remote") / "modeling_mmcl.py"  # copied into exports, never imported here
+REMOTE_CLASSES = {"AutoConfig": "modeling_mmcl.MmclDualEncoderConfig", "AutoModel": "modeling_mmcl.MmclDualEncoderModel"}
+
+
+@torch.no_grad()
+def _export_remote_code(bundle: EncoderBundle, folder: Path, report: ExportReport, probe: Probe) -> None:
+    """No native class: a transformers model anyway, `modeling_mmcl.py` beside `config.json` (`auto_map`,
+    loaded with `trust_remote_code=True`), whose weights file is also mmcl's own (`mmcl_config.json`), so
+    that mmcl's commands read the export. Kept only if both reproduce mmcl's embeddings."""
+    model: DualEncoder = bundle.encoder
+    cfg = model.config
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("image_ssl_head.")}  # training only
+    plain = DualEncoder(replace(cfg, image_ssl_dim=None, extra={}))
+    plain.load_state_dict(state)
+    plain.save_pretrained(folder)  # model.safetensors and mmcl_config.json: mmcl's format
+    build_processor("", bundle.tokenizer, bundle.image_processor).save_pretrained(folder)
+    if isinstance(model.text_model, BackboneTower) or isinstance(model.vision_model, BackboneTower):
+        report.notes.append("no transformers model with remote code: a backbone tower is no transformers model "
+                            "(mmcl reads this folder as its own)")
+        return
+    config = {"model_type": "mmcl_dual_encoder", "architectures": ["MmclDualEncoderModel"], "auto_map": REMOTE_CLASSES,
+              "text_tower": model.text_model.config.to_diff_dict() | {"model_type": model.text_model.config.model_type},
+              "vision_tower": model.vision_model.config.to_diff_dict() | {
+                  "model_type": model.vision_model.config.model_type},
+              "text_pooling": cfg.text_pooling, "vision_pooling": cfg.vision_pooling,
+              "projection_dim": cfg.projection_dim, "identity_projection": cfg.identity_projection,
+              "text_width": tower_width(model.text_model), "vision_width": tower_width(model.vision_model),
+              "has_logit_bias": model.logit_bias is not None}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
+    shutil.copy(REMOTE_CODE, folder / REMOTE_CODE.name)
+    mmcl = load_encoder(str(folder)).encoder  # what mmcl's commands will read
+    remote = _remote_model(folder)
+    diffs = _diffs("transformers (remote code)", remote.get_text_features(probe["input_ids"], probe["attention_mask"]),
+                   remote.get_image_features(probe["pixel_values"]), probe)
+    diffs |= _diffs("mmcl", mmcl.get_text_features(probe["input_ids"], probe["attention_mask"]),
+                    mmcl.get_image_features(probe["pixel_values"]), probe)
+    report.max_abs_diff.update(diffs)
+    if max(diffs.values()) > TOLERANCE:
+        for name in ("config.json", REMOTE_CODE.name):
+            (folder / name).unlink()
+        report.notes.append(f"the remote-code transformers model does not reproduce mmcl's embeddings ({diffs}); "
+                            "not exported")
+        return
+    report.remote_code_class = "MmclDualEncoderModel"
+    report.notes.append("transformers: AutoModel.from_pretrained(folder, trust_remote_code=True) runs modeling_mmcl.py "
+                        "(shipped in this folder: the towers, mmcl's pooling and projections) and gives unit-norm "
+                        "text_embeds / image_embeds and logits_per_image; read the file before trusting it")
+
+
+def _remote_model(folder: Path) -> Any:
+    """The exported remote-code model, built from mmcl's own copy of modeling_mmcl.py (not the folder's):
+    the same class transformers loads with trust_remote_code=True."""
+    from safetensors.torch import load_file
+
+    from .remote.modeling_mmcl import MmclDualEncoderConfig, MmclDualEncoderModel
+
+    values = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    kept = {k: v for k, v in values.items() if k not in ("auto_map", "model_type", "architectures")}
+    model = MmclDualEncoderModel(MmclDualEncoderConfig(**kept))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
+
+
 def _load(model_dir: Path) -> EncoderBundle:
     """The mmcl model, and its tokenizer truncating at the caption length it was trained with."""
     if not model_dir.is_dir():
@@ -232,6 +297,8 @@ def _export_into(model_dir: Path, folder: Path) -> ExportReport:
     if name:
         _export_native(bundle, name, folder, report, probe)
     _export_st(bundle, folder, report, probe)
+    if not report.native_class:  # transformers loads it anyway (remote code), and mmcl loads it as its own
+        _export_remote_code(bundle, folder, report, probe)
     if not (report.native_class or report.sentence_transformers):
         raise RuntimeError(f"no route reproduces this model without mmcl:\n{report}")
     for meta in COPIED:

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..artifacts import (EXPORT_INFO_NAME, HF_TOKEN_SHAPE, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, load_training_config,
-                         metrics_for, read_json, secret_keys)
+                         ZERO_SHOT_NAME, metrics_for, read_json, secret_keys)
 from ..config import ConfigError, HubConfig
 from .card import write_model_card
 
@@ -47,11 +47,14 @@ TOP_LEVEL_FILES = frozenset({
     "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
     # sentence-transformers (router_config.json: a Router as the root module)
     "modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "router_config.json",
+    # mmcl: the recommended zero-shot templates
+    ZERO_SHOT_NAME,
 })
+REMOTE_CODE_FILE = "modeling_mmcl.py"  # an export without a native class: the one code file, at the top level
 WEIGHT_PATTERN = "*.safetensors"
 # Inside a sentence-transformers module folder (1_Pooling/, 2_Dense/, a Router's text_0_Transformer/
 # ...): its config files (`config.json`, `sentence_bert_config.json`, ...), weights and tokenizer files.
-MODULE_FILE_PATTERNS = ("*config.json", WEIGHT_PATTERN, *sorted(TOP_LEVEL_FILES - {"README.md"}))
+MODULE_FILE_PATTERNS = ("*config.json", WEIGHT_PATTERN, *sorted(TOP_LEVEL_FILES - {"README.md", ZERO_SHOT_NAME}))
 # Never uploaded, even if a rule above matched: pickles and other executable-on-load formats.
 FORBIDDEN_PATTERNS = ("*.bin", "*.pkl", "*.pickle", "*.pt", "*.pth", "*.ckpt", "*.joblib", "*.npy",
                       "*.npz", "*.h5", "*.msgpack", "*.tfevents*")
@@ -128,7 +131,7 @@ def select_files(folder: str | Path) -> list[str]:
         if _matches(rel.name, FORBIDDEN_PATTERNS) or any(part.startswith(".") for part in rel.parts):
             continue
         if len(rel.parts) == 1:
-            keep = rel.name in TOP_LEVEL_FILES or _matches(rel.name, (WEIGHT_PATTERN,))
+            keep = rel.name in TOP_LEVEL_FILES or rel.name == REMOTE_CODE_FILE or _matches(rel.name, (WEIGHT_PATTERN,))
         else:
             keep = any(rel.is_relative_to(m) for m in modules) and _matches(rel.name, MODULE_FILE_PATTERNS)
         if keep:

@@ -74,9 +74,20 @@ if native:
     result["hf_text"] = torch.nn.functional.normalize(t, dim=-1).tolist()
     result["hf_image"] = torch.nn.functional.normalize(i, dim=-1).tolist()
 else:  # the Router's tower folders are plain transformers folders
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoProcessor
     towers = [AutoModel.from_pretrained(f"{folder}/{m}_0_Transformer") for m in ("text", "image")]
     result["towers"] = [type(t).__name__ for t in towers]
+    # and the whole model through the remote code the export ships (the card's snippet, as a user runs it)
+    import os
+    if os.path.exists(f"{folder}/modeling_mmcl.py"):  # no backbone tower
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        with torch.no_grad():
+            res = model(**processor(text=texts, images=images, padding=True, truncation=True, return_tensors="pt"))
+        result["class"] = type(model).__name__
+        result["logit_scale"] = model.logit_scale.item()
+        result["hf_text"], result["hf_image"] = res.text_embeds.tolist(), res.image_embeds.tolist()
+        result["probs"] = res.logits_per_image.softmax(dim=-1).tolist()
 from sentence_transformers import SentenceTransformer
 st = SentenceTransformer(folder, device="cpu")
 result["st_text"] = st.encode(texts).tolist()
@@ -158,7 +169,7 @@ def test_export_loads_without_mmcl_and_matches(tmp_path, case):
 
     got = _load_clean(out_dir, expected is not None, tmp_path / "embeddings.json")
     ref_text, ref_image = _mmcl_embeddings(folder)
-    keys = ["st_text", "st_image"] + (["hf_text", "hf_image"] if expected else [])
+    keys = ["st_text", "st_image", "hf_text", "hf_image"]  # a native class, else the remote-code model
     for key in keys:
         ref = ref_text if key.endswith("text") else ref_image
         emb = torch.tensor(got[key])
@@ -171,6 +182,18 @@ def test_export_loads_without_mmcl_and_matches(tmp_path, case):
     else:
         model = DualEncoder.from_pretrained(folder)
         assert got["towers"] == [type(model.text_model).__name__, type(model.vision_model).__name__]
+        assert got["class"] == "MmclDualEncoderModel" and got["logit_scale"] == pytest.approx(3.3)
+        expected_probs = torch.tensor(3.3).exp() * ref_image @ ref_text.T
+        assert torch.allclose(torch.tensor(got["probs"]), expected_probs.softmax(dim=-1), atol=1e-5)
+    # mmcl's own commands read every export: the mmcl route where there is no native class, else transformers'
+    from mmcl.towers.inference import load_encoder
+
+    bundle = load_encoder(str(out_dir))
+    with torch.no_grad():
+        enc = bundle.tokenizer(TEXTS, padding="longest", truncation=True, max_length=bundle.max_length,
+                               return_tensors="pt")
+        again = bundle.encoder.get_text_features(enc["input_ids"], enc["attention_mask"])
+    assert (torch.nn.functional.normalize(again, dim=-1) - ref_text).abs().max().item() < 1e-5
 
 
 def test_export_rejects_a_folder_that_is_not_mmcl(tmp_path):
