@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from mmcl.evaluation.formats import clip_benchmark_metrics, clip_benchmark_record
@@ -82,3 +83,46 @@ def test_mmcl_eval_writes_a_file_clip_benchmark_builds_from(tmp_path, emoji_cach
         assert retrieval["metrics"][f"image_retrieval_recall@{k}"] == full[f"text_to_image_R@{k}"]
     row = build_row(records["retrieval", "clip_benchmark"])
     assert row["dataset"] == "builtin:emoji" and row["model_fullname"] == f"{model} {model}"
+
+
+def test_datacomp_lines_carry_each_tasks_main_metric_and_the_average():
+    from mmcl.evaluation.formats import datacomp_average, datacomp_line
+
+    zs = datacomp_line("zs", "Zero-shot", "zero_shot", {"top1": 0.25, "top5": 0.5, "mean_per_class_recall": 0.2})
+    rt = datacomp_line("rt", "Retrieval", "retrieval", {"image_to_text_R@1": 0.4, "text_to_image_R@1": 0.2})
+    assert zs == {"key": "zs", "dataset": "Zero-shot",
+                  "metrics": {"acc1": 0.25, "acc5": 0.5, "mean_per_class_recall": 0.2, "main_metric": 0.25}}
+    assert rt["metrics"]["mean_recall@1"] == rt["metrics"]["main_metric"] == (0.4 + 0.2) / 2
+    assert datacomp_line("zs", "Z", "zero_shot", {"top1": 0.25, "mean_per_class_recall": 0.2},
+                         "mean_per_class_recall")["metrics"]["main_metric"] == 0.2
+    average = datacomp_average([zs, rt])
+    assert average["key"] == "average" and average["metrics"]["main_metric"] == (0.25 + 0.3) / 2
+
+
+@pytest.mark.slow
+def test_eval_suite_writes_datacomp_and_clip_benchmark_files(tmp_path, emoji_cache):
+    model = save_tiny_model(tmp_path / "model", "grinning face red heart rocket cat")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("tasks:\n"
+                     "  zs: {name: Emoji zero-shot, task: zero_shot, dataset: 'builtin:emoji', label_column: name,"
+                     " max_samples: 24}\n"
+                     "  art: {task: retrieval, dataset: 'builtin:emoji-lineart', max_samples: 24}\n")
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "mmcl.cli", "eval", str(model), "--suite", str(suite), "--output", str(out),
+            "--cache-dir", emoji_cache]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
+    assert [line["key"] for line in lines] == ["zs", "art", "average"]
+    assert lines[0]["dataset"] == "Emoji zero-shot" and lines[1]["dataset"] == "art"
+    assert lines[0]["metrics"]["main_metric"] == lines[0]["metrics"]["acc1"]
+    assert lines[1]["metrics"]["main_metric"] == lines[1]["metrics"]["mean_recall@1"]
+    assert lines[2]["metrics"]["main_metric"] == (lines[0]["metrics"]["acc1"] + lines[1]["metrics"]["mean_recall@1"]) / 2
+    for key, task in (("zs", "zeroshot_classification"), ("art", "zeroshot_retrieval")):
+        record = json.loads((out / f"{key}.json").read_text())
+        assert set(record) == CLIP_BENCHMARK_KEYS and record["task"] == task
+    again = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)  # files are never replaced
+    assert again.returncode == 2 and "is there already" in again.stderr and len(again.stderr.splitlines()) == 1
+    suite.write_text("tasks:\n  zs: {task: zero_shot, dataset: 'builtin:emoji', label_colum: name}\n")
+    bad = subprocess.run(argv[:-2], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "tasks.zs.label_colum" in bad.stderr and "label_column" in bad.stderr
