@@ -14,10 +14,16 @@ def config_help() -> str:
     """Every config key with its type, default and help text, for `mmcl train --help`."""
     from ..config import Config
 
-    lines = ["config keys (in the YAML file, or overridden as --section.key=value):"]
-    for key, kind, help_text in describe(Config):
-        lines.append(f"  {key}  ({kind})")
-        lines += textwrap.wrap(help_text, 92, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines = ["config keys, by section (in the YAML file, or on the command line as --section.key=value; "
+             "docs/configuration.md has them all):"]
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        lines += ["", f"{section.name}: {summary}" if summary else f"{section.name}:"]
+        for key, kind, help_text in describe(cls, f"{section.name}."):
+            lines.append(f"  --{key}  ({kind})")
+            lines += textwrap.wrap(help_text, 92, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -113,6 +119,7 @@ def init(args: argparse.Namespace, extra: list[str]) -> int:
 def register(sub: Any) -> None:
     parser = sub.add_parser(
         "train", help="train a dual encoder", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="mmcl train [-h] [CONFIG.yaml] [--section.key=value ...]",
         description="mmcl train [CONFIG.yaml] [--section.key=value ...]; with no config, configs/quickstart.yaml "
                     "(built-in emoji data). Exports the final model to <output_dir>/export when hub.export.",
         epilog=config_help())

@@ -25,6 +25,13 @@ def test_train_help_lists_every_config_key_with_its_help(capsys):
             assert " ".join(f.metadata["help"].split()) in text, f.name
     assert "train.mixed_precision (auto|no|bf16|fp16 = 'auto')" in text
     assert "averages gradients over micro-batches; adds NO negatives" in text
+    assert text.startswith("usage: mmcl train [-h] [CONFIG.yaml] [--section.key=value ...]")
+    headings = [text.index(f" {section.name}: ") for section in dataclasses.fields(Config)]
+    assert headings == sorted(headings)  # grouped: each section's heading, in order
+    ends = headings[1:] + [len(text)]
+    for section, start, end in zip(dataclasses.fields(Config), headings, ends):  # its keys under its heading
+        for f in dataclasses.fields(getattr(Config(), section.name)):
+            assert start < text.index(f"--{section.name}.{f.name} (") < end, f.name
 
 
 def test_eval_help_shows_each_spec_field_help(capsys):
