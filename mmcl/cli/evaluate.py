@@ -155,7 +155,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--cache-dir", default=None, help="where built-in datasets are cached")
     parser.add_argument("--output", default=None, help="write the results as JSON here (with --suite: a folder)")
     parser.add_argument("--suite", default=None, help="a YAML list of evaluations run in turn (e.g. "
-                                                      "configs/eval_suite_builtin.yaml); --output gets DataComp's "
+                                                      "configs/eval_suites/builtin.yaml); --output gets DataComp's "
                                                       "eval_results.jsonl and a CLIP_benchmark file per task")
     parser.add_argument("--output-format", default="clip_benchmark", choices=["clip_benchmark", "mmcl"],
                         help="clip_benchmark: CLIP_benchmark's result file (its task and metric names; "
