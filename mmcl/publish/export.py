@@ -7,8 +7,11 @@
   otherwise a `Router` with one route per modality: `Transformer` (the tower) + `Pooling` (mmcl's
   pooling) + `Dense` (the projection: no bias, identity) and then `Normalize`.
 
-Every route is compared with mmcl's embeddings before it is kept. Weights are safetensors only;
-nothing sets `trust_remote_code`.
+- without a native class, also mmcl's own weights and config, and a config.json whose auto_map names
+  the `modeling_mmcl.py` copied beside it: transformers loads that with `trust_remote_code=True`, which
+  only the user passes (the card says so); mmcl reads the folder as its own and never runs that file.
+
+Every route is compared with mmcl's embeddings before it is kept. Weights are safetensors only.
 """
 
 from __future__ import annotations
