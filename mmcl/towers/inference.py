@@ -10,9 +10,10 @@ all take the bundle.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,29 @@ def load_processors(name: str | os.PathLike, trust_remote_code: bool = False) ->
     """The (tokenizer, image processor) saved with a model (or in a run's `processor/` folder)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    return (load_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code),
-            load_pretrained(AutoImageProcessor, name, "image processor", trust_remote_code))
+    with _quiet_config_fallback(name):
+        tokenizer = load_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code)
+    return tokenizer, load_pretrained(AutoImageProcessor, name, "image processor", trust_remote_code)
+
+
+@contextmanager
+def _quiet_config_fallback(name: str | os.PathLike) -> Iterator[None]:
+    """AutoTokenizer reads a folder's config.json; for mmcl's remote-code export (model_type
+    mmcl_dual_encoder, known to transformers only with trust_remote_code) it falls back to a plain
+    config and warns that the model types differ, which is true and harmless: the tokenizer's class
+    is in tokenizer_config.json. Only for such a folder, transformers' warnings are silenced while its
+    tokenizer loads."""
+    from transformers.utils import logging as hf_logging
+
+    config = Path(name) / "config.json"
+    ours = config.is_file() and '"mmcl_dual_encoder"' in config.read_text(errors="replace")
+    before = hf_logging.get_verbosity()
+    if ours:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def load_hf_dual_encoder(name: str, allowed: tuple[str, ...] = SUPPORTED, trust_remote_code: bool = False) -> Any:
