@@ -232,7 +232,13 @@ class LossConfig:
                                    "0: from the model itself (detached)")
     image_ssl_weight: float = option(0.0, "SLIP: add this weight x SimCLR's loss on two augmented views of each image")
     image_ssl_temperature: float = option(0.1, "SLIP: the NT-Xent temperature")
-    image_ssl_dim: int = option(256, "SLIP: output width of the image-image MLP head")
+    image_ssl_dim: int = option(256, "SLIP / BYOL: output width of the image-image MLP head (BYOL's projector)")
+    byol_weight: float = option(0.0, "BYOL: add this weight x BYOL's loss: each of two augmented views of an image, "
+                                     "through the image-image head and a predictor, regresses the other view's "
+                                     "projection by an EMA target copy (no negatives)")
+    byol_momentum: float = option(0.99, "BYOL: the target's EMA rate at the first step; it rises to 1 on a cosine "
+                                        "over train.max_steps")
+    byol_predictor_hidden: int = option(512, "BYOL: hidden width of the predictor MLP")
 
 
 @dataclass

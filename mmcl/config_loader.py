@@ -291,11 +291,14 @@ def validate(config: Config) -> None:
 
 def validate_loss(loss: LossConfig, data: DataConfig) -> None:
     """The loss options that cannot be combined or are out of range."""
-    for key in ("cache_chunk", "queue_size", "image_ssl_weight"):
+    for key in ("cache_chunk", "queue_size", "image_ssl_weight", "byol_weight"):
         if getattr(loss, key) < 0:
             raise ConfigError(f"'loss.{key}' must be >= 0")
-    if not 0.0 <= loss.momentum < 1.0:
-        raise ConfigError(f"'loss.momentum' must be in [0, 1), got {loss.momentum}")
+    for key in ("momentum", "byol_momentum"):
+        if not 0.0 <= getattr(loss, key) < 1.0:
+            raise ConfigError(f"'loss.{key}' must be in [0, 1), got {getattr(loss, key)}")
+    if loss.byol_weight and loss.byol_predictor_hidden < 1:
+        raise ConfigError("'loss.byol_predictor_hidden' must be >= 1")
     if data.batch_sampler == "cluster" and not data.cluster_model:
         raise ConfigError("data.batch_sampler=cluster needs data.cluster_model (a trained model folder to embed "
                           "the images with)")

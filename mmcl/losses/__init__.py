@@ -1,5 +1,5 @@
 """Contrastive losses, the third stage (`clip`, `siglip`, `symmetric`, `negatives`, `distributed`,
-`queue`, `ssl`, `cache` for GradCache, `objective` for what the loop calls).
+`queue`, `ssl`, `byol`, `cache` for GradCache, `objective` for what the loop calls).
 
 `build_loss(cfg)` gives the pair loss `loss.name` selects; it is called with the model's
 `DualEncoderOutput` (unit-norm embeddings, logit_scale, logit_bias), optional pair ids
@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from ..config import LossConfig
+from .byol import BYOL, byol_loss
 from .clip import ClipLoss
 from .negatives import Negatives
 from .objective import Objective
@@ -22,8 +23,8 @@ from .queue import FeatureQueue
 from .siglip import SigLipLoss
 from .ssl import ImageSSL, NTXentLoss
 
-__all__ = ["ClipLoss", "FeatureQueue", "ImageSSL", "NTXentLoss", "Negatives", "Objective", "SigLipLoss", "build_loss",
-           "build_objective", "image_ssl_dim", "init_logit_bias"]
+__all__ = ["BYOL", "byol_loss", "ClipLoss", "FeatureQueue", "ImageSSL", "NTXentLoss", "Negatives", "Objective", "SigLipLoss", "build_loss",
+           "build_objective", "image_ssl_dim", "init_logit_bias", "predictor_hidden"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -42,13 +43,18 @@ def init_logit_bias(cfg: LossConfig) -> float | None:
 
 
 def image_ssl_dim(cfg: LossConfig) -> int | None:
-    """The width of the model's image–image head, for a loss with SLIP's term (else None: no head)."""
-    return cfg.image_ssl_dim if cfg.image_ssl_weight else None
+    """The width of the model's image–image head, for a loss with SLIP's or BYOL's term (else None: no head)."""
+    return cfg.image_ssl_dim if cfg.image_ssl_weight or cfg.byol_weight else None
 
 
-def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any) -> Objective:
-    """The training objective for the prepared `model` (its queue copies it; call after
-    `accelerator.prepare`), on the accelerator's device."""
+def predictor_hidden(cfg: LossConfig) -> int | None:
+    """The hidden width of BYOL's predictor, for a loss with BYOL's term (else None: no predictor)."""
+    return cfg.byol_predictor_hidden if cfg.byol_weight else None
+
+
+def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any, max_steps: int = 1) -> Objective:
+    """The training objective for the prepared `model` (its queue and BYOL's target copy it; call after
+    `accelerator.prepare`), on the accelerator's device; `max_steps`: the run's, for BYOL's EMA schedule."""
     from accelerate.utils import extract_model_from_parallel
 
     queue = None
@@ -56,4 +62,6 @@ def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any) -> Obje
         queue = FeatureQueue(cfg.queue_size, extract_model_from_parallel(model).embed_dim, cfg.momentum, model,
                              accelerator.gradient_accumulation_steps)
     ssl = ImageSSL(cfg.image_ssl_weight, cfg.image_ssl_temperature) if cfg.image_ssl_weight else None
-    return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue, ssl).to(accelerator.device)
+    byol = BYOL(cfg.byol_weight, cfg.byol_momentum, model, max_steps,
+                accelerator.gradient_accumulation_steps) if cfg.byol_weight else None
+    return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue, ssl, byol).to(accelerator.device)

@@ -60,10 +60,12 @@ def _cat(outs: list[DualEncoderOutput], field: str) -> torch.Tensor | None:
     return None if parts[0] is None else torch.cat(parts).detach().requires_grad_()
 
 
-def cached_step(model: nn.Module, chunks: list[dict[str, torch.Tensor]], loss_of: LossOf,
-                accelerator: Any) -> tuple[torch.Tensor, Terms, DualEncoderOutput]:
+def cached_step(model: nn.Module, chunks: list[dict[str, torch.Tensor]], loss_of: LossOf, accelerator: Any,
+                loss_params: list[nn.Parameter] | None = None) -> tuple[torch.Tensor, Terms, DualEncoderOutput]:
     """(the loss of the whole batch, ready for the loop's `accelerator.backward`; its terms, detached;
-    the batch's embeddings, detached). See the module docstring."""
+    the batch's embeddings, detached). `loss_params`: parameters `loss_of` itself runs on the
+    embeddings (BYOL's predictor); their gradient joins the last chunk's. See the module docstring."""
+    loss_params = [p for p in loss_params or [] if p.requires_grad]
     device = chunks[0]["pixel_values"].device
     # Step (1): embed every chunk without a graph, keeping the random state each started from
     states, first = [], []
@@ -78,7 +80,7 @@ def cached_step(model: nn.Module, chunks: list[dict[str, torch.Tensor]], loss_of
     loss, terms = loss_of(DualEncoderOutput(embeds["image_embeds"], embeds["text_embeds"], scale, bias,
                                             embeds["view_embeds"]))
     leaves = [e for e in embeds.values() if e is not None]
-    grads = torch.autograd.grad(loss, leaves + scalars, allow_unused=True)
+    grads = torch.autograd.grad(loss, leaves + scalars + loss_params, allow_unused=True)
     by_name = dict(zip([n for n, e in embeds.items() if e is not None], grads))
     sizes = {name: [len(getattr(o, name)) for o in first] for name in by_name}
     split = {name: (g.split(sizes[name]) if g is not None else [None] * len(chunks)) for name, g in by_name.items()}
@@ -95,9 +97,9 @@ def cached_step(model: nn.Module, chunks: list[dict[str, torch.Tensor]], loss_of
                 accelerator.backward(surrogate)
     after.restore()
     rerun_scalars = [p for p in (rerun.logit_scale, rerun.logit_bias) if p is not None and p.requires_grad]
-    for param, grad in zip(rerun_scalars, grads[len(leaves):]):
+    for param, grad in zip(rerun_scalars + loss_params, grads[len(leaves):]):
         if grad is not None:
-            surrogate = surrogate + (param * grad).sum()  # a (1,) parameter: keep the loss 0-d
+            surrogate = surrogate + (param * grad).sum()  # keep the loss 0-d
     detached = DualEncoderOutput(*(e.detach() if e is not None else None for e in
                                    (embeds["image_embeds"], embeds["text_embeds"])), scale, bias)
     return loss.detach() + surrogate - surrogate.detach(), {k: v.detach() for k, v in terms.items()}, detached

@@ -6,7 +6,8 @@ GradCache embeds the batch in chunks and re-runs them (`mmcl.losses.cache`), a q
 momentum copy, SLIP runs extra image views. The loop stays the same for all of them.
 
 Terms (as open_clip's `output_dict`): `loss_pair` (the image–text loss, with its hard negatives and
-queue) and, with SLIP, `loss_image_ssl` (already weighted); the loss is their sum. The loop logs
+queue) and, with SLIP, `loss_image_ssl`, with BYOL, `loss_byol` (each already weighted); the loss is
+their sum. BYOL adds a diagnostic, `byol_view_std` (not in the loss): see `mmcl.losses.byol`. The loop logs
 each as `train/<term>`.
 """
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..towers.model import DualEncoderOutput
+from .byol import BYOL
 from .cache import VIEWS, Terms, cached_step, split_rows
 from .negatives import Negatives
 from .queue import FeatureQueue
@@ -43,27 +45,34 @@ class Objective(nn.Module):
     """
 
     def __init__(self, loss: nn.Module, accelerator: Any = None, cache_chunk: int = 0,
-                 queue: FeatureQueue | None = None, image_ssl: ImageSSL | None = None) -> None:
+                 queue: FeatureQueue | None = None, image_ssl: ImageSSL | None = None,
+                 byol: BYOL | None = None) -> None:
         super().__init__()
         self.loss, self.accelerator, self.cache_chunk = loss, accelerator, cache_chunk
-        self.queue, self.image_ssl = queue, image_ssl
+        self.queue, self.image_ssl, self.byol = queue, image_ssl, byol
 
     def has_state(self) -> bool:
-        """Whether a checkpoint must keep this objective (a queue, a momentum copy)."""
-        return self.queue is not None
+        """Whether a checkpoint must keep this objective (a queue, a momentum or BYOL target copy)."""
+        return self.queue is not None or self.byol is not None
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, Terms]:
         ids = {k: batch.pop(k) for k in ID_KEYS if k in batch}
         row_ids = batch.pop("negative_text_ids", None)
         if self.queue is not None:
             self.queue.before_step(model)
+        targets = None
+        if self.byol is not None:  # the EMA target's projections of the whole batch's views, no graph
+            self.byol.before_step(model)
+            views = batch[VIEWS]
+            targets = torch.cat([self.byol.targets(v) for v in views.split(2 * self.cache_chunk or len(views))])
 
         def loss_of(out: DualEncoderOutput) -> tuple[torch.Tensor, Terms]:
-            return self.terms(out, ids, row_ids)
+            return self.terms(out, ids, row_ids, (model, targets))
 
         if self.cache_chunk:
             chunks = split_rows(batch, math.ceil(len(batch["pixel_values"]) / self.cache_chunk))
-            loss, terms, out = cached_step(model, chunks, loss_of, self.accelerator)
+            own = self.byol.parameters_of(model) if self.byol is not None else None
+            loss, terms, out = cached_step(model, chunks, loss_of, self.accelerator, own)
         else:
             chunks = [batch]
             out = model(**batch)
@@ -73,14 +82,17 @@ class Objective(nn.Module):
             self.enqueue(out, [{k: v for k, v in c.items() if k != VIEWS} for c in chunks], ids)
         return loss, terms
 
-    def terms(self, out: DualEncoderOutput, ids: dict[str, torch.Tensor],
-              row_ids: torch.Tensor | None) -> tuple[torch.Tensor, Terms]:
-        """(the loss, its named terms) on the batch's embeddings."""
+    def terms(self, out: DualEncoderOutput, ids: dict[str, torch.Tensor], row_ids: torch.Tensor | None,
+              byol: tuple[nn.Module, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, Terms]:
+        """(the loss, its named terms) on the batch's embeddings (`byol`: the model, whose predictor
+        BYOL's term runs, and the target's projections of the views)."""
         pair_out, negatives = self.candidates(out, row_ids)
         terms = {"loss_pair": self.loss(pair_out, **ids, negatives=negatives)}
         if self.image_ssl is not None:
             terms["loss_image_ssl"] = self.image_ssl(out.view_embeds, ids.get("image_ids"))
-        return sum(terms.values()), terms
+        if self.byol is not None:
+            terms["loss_byol"], terms["byol_view_std"] = self.byol(byol[0], out.view_embeds, byol[1])
+        return sum(v for k, v in terms.items() if k.startswith("loss_")), terms
 
     def candidates(self, out: DualEncoderOutput, row_ids: torch.Tensor | None) -> tuple[DualEncoderOutput, Negatives | None]:
         """The batch's own pairs, and the extra candidates: hard-negative captions, the queue."""

@@ -112,10 +112,11 @@ def fit_text_config(cfg: ModelConfig, tokenizer: Any) -> None:
         cfg.text_config.setdefault("bos_token_id", tokenizer.bos_token_id)
 
 
-def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ssl_dim: int | None = None) -> DualEncoder:
+def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ssl_dim: int | None = None,
+                predictor_hidden: int | None = None) -> DualEncoder:
     """The dual encoder `cfg` describes, with its towers frozen as configured; with a learned logit
     bias starting at `init_logit_bias` when the loss needs one (SigLIP), and an image–image head of
-    width `image_ssl_dim` when the loss has SLIP's term."""
+    width `image_ssl_dim` when the loss has SLIP's or BYOL's term (BYOL's predictor: `predictor_hidden`)."""
     backbones.trust_configured(cfg)  # the config is the user's own: the backbone it names may load
     if cfg.init_from:
         model = load_initial_model(cfg)
@@ -123,6 +124,8 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
             model.add_logit_bias(init_logit_bias)  # a checkpoint that has its own keeps it
         if image_ssl_dim is not None:
             model.add_image_ssl_head(image_ssl_dim)
+        if predictor_hidden is not None:
+            model.add_predictor(predictor_hidden)
     else:
         text = build_tower(cfg.text_model, cfg.text_config, cfg.trust_remote_code)
         vision = build_tower(cfg.vision_model, cfg.vision_config, cfg.trust_remote_code)
@@ -130,7 +133,8 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
             text_config=text.config.to_dict(), vision_config=vision.config.to_dict(),  # rebuilds offline
             text_pooling=cfg.text_pooling, vision_pooling=cfg.vision_pooling,
             projection_dim=cfg.projection_dim, init_temperature=cfg.init_temperature,
-            max_logit_scale=cfg.max_logit_scale, init_logit_bias=init_logit_bias, image_ssl_dim=image_ssl_dim)
+            max_logit_scale=cfg.max_logit_scale, init_logit_bias=init_logit_bias, image_ssl_dim=image_ssl_dim,
+            predictor_hidden=predictor_hidden)
         model = DualEncoder(config, text, vision)
     apply_lora(model, cfg)
     apply_freezing(model, cfg)

@@ -43,7 +43,8 @@ class DualEncoderConfig:
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # a learned logit bias (SigLIP's loss needs one), else none
     identity_projection: bool = False  # SigLIP's towers project themselves: no projection layers
-    image_ssl_dim: int | None = None  # SLIP: an image–image MLP head of this output width, else none
+    image_ssl_dim: int | None = None  # SLIP / BYOL: an image–image MLP head of this output width, else none
+    predictor_hidden: int | None = None  # BYOL: a predictor MLP of this hidden width (run by the objective)
     extra: dict[str, Any] = field(default_factory=dict)  # free metadata (training config, ...)
 
 
@@ -146,6 +147,15 @@ def ssl_head(width: int, dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, dim))
 
 
+def predictor_head(dim: int, hidden: int) -> nn.Module:
+    """BYOL's predictor: an MLP from the image–image head's unit-norm output back to its width (training
+    only). Its batch norm is what keeps BYOL from collapsing here (a GELU MLP collapsed in 30 steps), so
+    the objective runs it on the whole gathered batch (`mmcl.losses.byol`), never per chunk or per process."""
+    # no bias before the batch norm: it would cancel it, and Adam would turn its zero gradient's rounding
+    # noise into full-size steps (2 processes and 1 then differ by ~1e-4 in it)
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, copied when it is a view into a larger buffer (a gathered FSDP state dict): safetensors
     refuses to save part of a storage."""
@@ -195,6 +205,8 @@ class DualEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / config.init_temperature)]))
         self.logit_bias = None if config.init_logit_bias is None else nn.Parameter(torch.tensor([config.init_logit_bias]))
         self.image_ssl_head = None if config.image_ssl_dim is None else ssl_head(vision_width, config.image_ssl_dim)
+        self.predictor = None if config.predictor_hidden is None or config.image_ssl_dim is None else \
+            predictor_head(config.image_ssl_dim, config.predictor_hidden)
 
     @property
     def embed_dim(self) -> int:
@@ -244,6 +256,12 @@ class DualEncoder(nn.Module):
             self.config.image_ssl_dim = dim
             width = tower_width(self.vision_model)
             self.image_ssl_head = ssl_head(width, dim).to(self.logit_scale.device)
+
+    def add_predictor(self, hidden: int) -> None:
+        """Give a model with an image–image head BYOL's predictor (to train it with BYOL's term)."""
+        if self.predictor is None and self.image_ssl_head is not None:
+            self.config.predictor_hidden = hidden
+            self.predictor = predictor_head(self.config.image_ssl_dim, hidden).to(self.logit_scale.device)
 
     def add_logit_bias(self, init: float) -> None:
         """Give a model trained without one a learned logit bias (to fine-tune it with SigLIP's loss)."""

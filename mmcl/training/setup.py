@@ -28,7 +28,7 @@ from ..data.pairs import PairCollator, PairRecipe, SkipCounter
 from ..evaluation.evaluators import eval_specs, load_eval_datasets
 from ..evaluation.retention import Retention
 from ..evaluation.zero_shot import caption_style
-from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias
+from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias, predictor_hidden
 from ..towers.build import build_image_processor, build_model, build_tokenizer, fit_text_config
 from ..towers.inference import EncoderBundle, load_encoder, load_processors
 from . import checkpoint as ckpt
@@ -92,7 +92,8 @@ def setup(config: Config, lock: RunLock) -> Run:
     fit_text_config(config.model, tokenizer)
     # 4. model (seeded again: the same initial weights whatever happened before)
     set_seed(t.seed)
-    model = build_model(config.model, init_logit_bias(config.loss), image_ssl_dim(config.loss))
+    model = build_model(config.model, init_logit_bias(config.loss), image_ssl_dim(config.loss),
+                        predictor_hidden(config.loss))
     # 5. optimizer and schedule
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
@@ -111,7 +112,7 @@ def setup(config: Config, lock: RunLock) -> Run:
         check_one_batch(batches, len(train_ds), config.data.train, t, acc)
     frozen = None if is_sharded(acc) else ckpt.frozen_fingerprint(model)
     # 7. objective (runs the prepared model; its queue copies it)
-    objective = build_objective(config.loss, prepared_model, acc)
+    objective = build_objective(config.loss, prepared_model, acc, t.max_steps)
     # what checkpoints keep: with frozen weights, what trains (a resume rebuilds the rest from the config)
     training = TrainingState(prepared_model, optimizer, scheduler, objective if objective.has_state() else None,
                              saved_tensors(model) if frozen else None)
@@ -243,6 +244,9 @@ def check_sharding(model: ModelConfig, loss: LossConfig, acc: Accelerator) -> No
     if loss.queue_size and loss.momentum:
         raise ConfigError("loss.momentum > 0 keeps a full EMA copy of the model, which is not sharded: with FSDP / "
                           "DeepSpeed set loss.momentum=0 (a queue of the model's own embeddings) or use DDP")
+    if loss.byol_weight:
+        raise ConfigError("loss.byol_weight keeps a full EMA target copy of the model, which is not sharded yet: "
+                          "use a DDP launch config")
 
 
 def saved_tensors(model: torch.nn.Module) -> Callable[[str], bool]:

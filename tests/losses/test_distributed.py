@@ -42,7 +42,12 @@ LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature
           # each row's 2 hard-negative captions, a queue of the model's own embeddings, SLIP's term
           "siglip-negatives-queue-slip": ("--loss.name=siglip", "--model.init_temperature=0.1", "--loss.queue_size=24",
                                           "--loss.momentum=0", "--loss.hard_negative_column=hard_negatives",
-                                          "--loss.image_ssl_weight=0.5")}
+                                          "--loss.image_ssl_weight=0.5"),
+          # BYOL through the cache: its predictor's batch norm over the global batch, its EMA target. Adam's
+          # epsilon is raised because at 1e-6 AdamW turns one weight's ~1e-9 gradient rounding into a 1.06e-5
+          # difference (next largest 3.2e-6); at 1e-4 the largest is 2.5e-7 (measured)
+          "clip-cache-byol": ("--loss.cache_chunk=5", "--loss.byol_weight=1.0", "--loss.image_ssl_dim=16",
+                              "--train.adam_epsilon=1e-4")}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,8 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cac
     train_tokenizer(iter_captions(load_from_disk(small_emoji), "caption"), 500).save_pretrained(tokenizer)
     single_logs, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
     multi_logs, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
-    terms = ["train/loss", "train/loss_pair", *(["train/loss_image_ssl"] if "slip" in loss else [])]
+    terms = ["train/loss", "train/loss_pair", *(["train/loss_image_ssl"] if "slip" in loss else []),
+             *(["train/loss_byol"] if "byol" in loss else [])]
     assert len(single_logs) == len(multi_logs) == 2
     for a, b in zip(single_logs, multi_logs):
         assert [k for k in a if k.startswith("train/loss")] == terms  # each term logged apart
