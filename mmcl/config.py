@@ -239,6 +239,16 @@ class LossConfig:
     byol_momentum: float = option(0.99, "BYOL: the target's EMA rate at the first step; it rises to 1 on a cosine "
                                         "over train.max_steps")
     byol_predictor_hidden: int = option(512, "BYOL: hidden width of the predictor MLP")
+    swav_weight: float = option(0.0, "SwAV: add this weight x each swapped-prediction term: an image's two views "
+                                     "predict each other's Sinkhorn assignment to learned prototypes, and an "
+                                     "image and its caption predict each other's")
+    swav_prototypes: int = option(64, "SwAV: prototypes per space (image views; the joint image-text space)")
+    swav_temperature: float = option(0.1, "SwAV: softmax temperature of the predicted assignment")
+    swav_epsilon: float = option(0.05, "SwAV: Sinkhorn's entropy weight (smaller: harder assignments)")
+    swav_iterations: int = option(3, "SwAV: Sinkhorn-Knopp iterations")
+    swav_freeze_steps: int = option(0, "SwAV: the prototypes get no update for this many optimizer steps")
+    swav_queue_size: int = option(0, "SwAV: the last this many images (over all processes) join the Sinkhorn "
+                                     "step, for small batches; a multiple of the global batch; 0: none")
 
 
 @dataclass

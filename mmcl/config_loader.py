@@ -291,7 +291,8 @@ def validate(config: Config) -> None:
 
 def validate_loss(loss: LossConfig, data: DataConfig) -> None:
     """The loss options that cannot be combined or are out of range."""
-    for key in ("cache_chunk", "queue_size", "image_ssl_weight", "byol_weight"):
+    for key in ("cache_chunk", "queue_size", "image_ssl_weight", "byol_weight", "swav_weight", "swav_freeze_steps",
+                "swav_queue_size"):
         if getattr(loss, key) < 0:
             raise ConfigError(f"'loss.{key}' must be >= 0")
     for key in ("momentum", "byol_momentum"):
@@ -299,6 +300,11 @@ def validate_loss(loss: LossConfig, data: DataConfig) -> None:
             raise ConfigError(f"'loss.{key}' must be in [0, 1), got {getattr(loss, key)}")
     if loss.byol_weight and loss.byol_predictor_hidden < 1:
         raise ConfigError("'loss.byol_predictor_hidden' must be >= 1")
+    if loss.swav_weight and (loss.swav_prototypes < 2 or loss.swav_iterations < 1 or loss.swav_epsilon <= 0
+                             or loss.swav_temperature <= 0):
+        raise ConfigError("SwAV needs loss.swav_prototypes >= 2, loss.swav_iterations >= 1, loss.swav_epsilon > 0 "
+                          f"and loss.swav_temperature > 0 (got {loss.swav_prototypes}, {loss.swav_iterations}, "
+                          f"{loss.swav_epsilon}, {loss.swav_temperature})")
     if data.batch_sampler == "cluster" and not data.cluster_model:
         raise ConfigError("data.batch_sampler=cluster needs data.cluster_model (a trained model folder to embed "
                           "the images with)")

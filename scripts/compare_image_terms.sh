@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The image-image terms against InfoNCE alone on the emoji quickstart, equal steps, one after another
-# on this machine: quickstart.yaml, loss_slip.yaml, loss_byol.yaml at the quickstart's batch (128) and
+# on this machine: quickstart.yaml, loss_slip.yaml, loss_byol.yaml, loss_swav.yaml at the quickstart's batch (128) and
 # at batch 32 (where negatives are few). Prints one table row per run from its metrics.json: held-out
 # colour retrieval, line-art retrieval, zero-shot top-1, and the training wall time.
 #   bash scripts/compare_image_terms.sh [OUT_DIR] [extra --key=value overrides ...]
@@ -9,7 +9,7 @@ out=${1:-runs/compare_image_terms}
 shift || true
 mkdir -p "$out"
 for batch in 128 32; do
-    for config in quickstart loss_slip loss_byol; do
+    for config in quickstart loss_slip loss_byol loss_swav; do
         run="$out/${config}_b${batch}"
         [ -f "$run/metrics.json" ] || mmcl train "configs/$config.yaml" --train.output_dir="$run" \
             --train.per_device_batch_size="$batch" --train.progress_bar=false --hub.export=false "$@" \

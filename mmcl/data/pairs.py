@@ -51,7 +51,7 @@ class PairRecipe:
     @classmethod
     def from_config(cls, data: DataConfig, loss: LossConfig, image_processor: Any) -> "PairRecipe":
         views = None
-        if loss.image_ssl_weight or loss.byol_weight:  # SLIP's / BYOL's views: a stronger crop and jitter than data.augment's
+        if loss.image_ssl_weight or loss.byol_weight or loss.swav_weight:  # SLIP's / BYOL's views: a stronger crop and jitter than data.augment's
             views = Augment(scale=(0.3, 1.0), flip=bool(data.augment_options.get("flip")), jitter=0.4)
         return cls(image_processor, build_augment(data.augment, data.augment_options), views, data.max_image_bytes,
                    loss.hard_negative_column)

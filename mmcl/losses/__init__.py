@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import LossConfig
+from ..config import ConfigError, LossConfig
 from .byol import BYOL, byol_loss
 from .clip import ClipLoss
 from .negatives import Negatives
@@ -22,9 +22,10 @@ from .objective import Objective
 from .queue import FeatureQueue
 from .siglip import SigLipLoss
 from .ssl import ImageSSL, NTXentLoss
+from .swav import SwAV, sinkhorn
 
 __all__ = ["BYOL", "byol_loss", "ClipLoss", "FeatureQueue", "ImageSSL", "NTXentLoss", "Negatives", "Objective", "SigLipLoss", "build_loss",
-           "build_objective", "image_ssl_dim", "init_logit_bias", "predictor_hidden"]
+           "build_objective", "image_ssl_dim", "init_logit_bias", "predictor_hidden", "sinkhorn", "SwAV", "swav_prototypes"]
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -44,12 +45,17 @@ def init_logit_bias(cfg: LossConfig) -> float | None:
 
 def image_ssl_dim(cfg: LossConfig) -> int | None:
     """The width of the model's image–image head, for a loss with SLIP's or BYOL's term (else None: no head)."""
-    return cfg.image_ssl_dim if cfg.image_ssl_weight or cfg.byol_weight else None
+    return cfg.image_ssl_dim if cfg.image_ssl_weight or cfg.byol_weight or cfg.swav_weight else None
 
 
 def predictor_hidden(cfg: LossConfig) -> int | None:
     """The hidden width of BYOL's predictor, for a loss with BYOL's term (else None: no predictor)."""
     return cfg.byol_predictor_hidden if cfg.byol_weight else None
+
+
+def swav_prototypes(cfg: LossConfig) -> int | None:
+    """How many prototypes SwAV's term learns per space (else None: no prototypes)."""
+    return cfg.swav_prototypes if cfg.swav_weight else None
 
 
 def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any, max_steps: int = 1) -> Objective:
@@ -64,4 +70,13 @@ def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any, max_ste
     ssl = ImageSSL(cfg.image_ssl_weight, cfg.image_ssl_temperature) if cfg.image_ssl_weight else None
     byol = BYOL(cfg.byol_weight, cfg.byol_momentum, model, max_steps,
                 accelerator.gradient_accumulation_steps) if cfg.byol_weight else None
-    return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue, ssl, byol).to(accelerator.device)
+    swav = None
+    if cfg.swav_weight:
+        unwrapped = extract_model_from_parallel(model)
+        dims = {"views": cfg.image_ssl_dim, "images": unwrapped.embed_dim, "texts": unwrapped.embed_dim}
+        if cfg.swav_queue_size % accelerator.num_processes:
+            raise ConfigError(f"loss.swav_queue_size={cfg.swav_queue_size} is shared by {accelerator.num_processes} "
+                              "processes: make it a multiple of the global batch")
+        swav = SwAV(cfg.swav_weight, cfg.swav_temperature, cfg.swav_epsilon, cfg.swav_iterations, cfg.swav_freeze_steps,
+                    cfg.swav_queue_size, dims, accelerator.gradient_accumulation_steps, accelerator.num_processes)
+    return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue, ssl, byol, swav).to(accelerator.device)

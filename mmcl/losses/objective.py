@@ -6,7 +6,8 @@ GradCache embeds the batch in chunks and re-runs them (`mmcl.losses.cache`), a q
 momentum copy, SLIP runs extra image views. The loop stays the same for all of them.
 
 Terms (as open_clip's `output_dict`): `loss_pair` (the image–text loss, with its hard negatives and
-queue) and, with SLIP, `loss_image_ssl`, with BYOL, `loss_byol` (each already weighted); the loss is
+queue) and, with SLIP, `loss_image_ssl`, with BYOL, `loss_byol`, with SwAV, `loss_swav_views` and
+`loss_swav_pairs` (each already weighted); the loss is
 their sum. BYOL adds a diagnostic, `byol_view_std` (not in the loss): see `mmcl.losses.byol`. The loop logs
 each as `train/<term>`.
 """
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..towers.model import DualEncoderOutput
 from .byol import BYOL
+from .swav import SwAV
 from .cache import VIEWS, Terms, cached_step, split_rows
 from .negatives import Negatives
 from .queue import FeatureQueue
@@ -46,14 +48,15 @@ class Objective(nn.Module):
 
     def __init__(self, loss: nn.Module, accelerator: Any = None, cache_chunk: int = 0,
                  queue: FeatureQueue | None = None, image_ssl: ImageSSL | None = None,
-                 byol: BYOL | None = None) -> None:
+                 byol: BYOL | None = None, swav: SwAV | None = None) -> None:
         super().__init__()
         self.loss, self.accelerator, self.cache_chunk = loss, accelerator, cache_chunk
-        self.queue, self.image_ssl, self.byol = queue, image_ssl, byol
+        self.queue, self.image_ssl, self.byol, self.swav = queue, image_ssl, byol, swav
 
     def has_state(self) -> bool:
-        """Whether a checkpoint must keep this objective (a queue, a momentum or BYOL target copy)."""
-        return self.queue is not None or self.byol is not None
+        """Whether a checkpoint must keep this objective (a queue, a momentum or BYOL target copy, SwAV's
+        step count and queue)."""
+        return self.queue is not None or self.byol is not None or self.swav is not None
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, Terms]:
         ids = {k: batch.pop(k) for k in ID_KEYS if k in batch}
@@ -65,13 +68,15 @@ class Objective(nn.Module):
             self.byol.before_step(model)
             views = batch[VIEWS]
             targets = torch.cat([self.byol.targets(v) for v in views.split(2 * self.cache_chunk or len(views))])
+        if self.swav is not None:
+            self.swav.before_step(model)
 
         def loss_of(out: DualEncoderOutput) -> tuple[torch.Tensor, Terms]:
-            return self.terms(out, ids, row_ids, (model, targets))
+            return self.terms(out, ids, row_ids, model, targets)
 
         if self.cache_chunk:
             chunks = split_rows(batch, math.ceil(len(batch["pixel_values"]) / self.cache_chunk))
-            own = self.byol.parameters_of(model) if self.byol is not None else None
+            own = [p for term in (self.byol, self.swav) if term is not None for p in term.parameters_of(model)]
             loss, terms, out = cached_step(model, chunks, loss_of, self.accelerator, own)
         else:
             chunks = [batch]
@@ -83,15 +88,17 @@ class Objective(nn.Module):
         return loss, terms
 
     def terms(self, out: DualEncoderOutput, ids: dict[str, torch.Tensor], row_ids: torch.Tensor | None,
-              byol: tuple[nn.Module, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, Terms]:
-        """(the loss, its named terms) on the batch's embeddings (`byol`: the model, whose predictor
-        BYOL's term runs, and the target's projections of the views)."""
+              model: nn.Module | None = None, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, Terms]:
+        """(the loss, its named terms) on the batch's embeddings (`model`: whose predictor and
+        prototypes BYOL's and SwAV's terms run; `targets`: BYOL's target projections of the views)."""
         pair_out, negatives = self.candidates(out, row_ids)
         terms = {"loss_pair": self.loss(pair_out, **ids, negatives=negatives)}
         if self.image_ssl is not None:
             terms["loss_image_ssl"] = self.image_ssl(out.view_embeds, ids.get("image_ids"))
         if self.byol is not None:
-            terms["loss_byol"], terms["byol_view_std"] = self.byol(byol[0], out.view_embeds, byol[1])
+            terms["loss_byol"], terms["byol_view_std"] = self.byol(model, out.view_embeds, targets)
+        if self.swav is not None:
+            terms.update(self.swav(model, out.view_embeds, pair_out.image_embeds, pair_out.text_embeds))
         return sum(v for k, v in terms.items() if k.startswith("loss_")), terms
 
     def candidates(self, out: DualEncoderOutput, row_ids: torch.Tensor | None) -> tuple[DualEncoderOutput, Negatives | None]:

@@ -38,11 +38,15 @@ KEY_SETTINGS = ("model.text_model", "model.vision_model", "model.init_from", "mo
                 "train.lr_scheduler", "train.warmup_steps", "train.weight_decay", "train.mixed_precision",
                 "train.seed", "loss.name", "loss.init_logit_bias", "loss.cache_chunk", "loss.hard_negative_column",
                 "loss.queue_size", "loss.momentum", "loss.image_ssl_weight", "loss.image_ssl_temperature",
-                "loss.byol_weight", "loss.byol_momentum", "loss.byol_predictor_hidden", "data.batch_sampler", "data.num_clusters", "data.clusters_per_batch")
+                "loss.byol_weight", "loss.byol_momentum", "loss.byol_predictor_hidden", "loss.swav_weight",
+                "loss.swav_prototypes", "loss.swav_temperature", "loss.swav_epsilon", "loss.swav_iterations",
+                "loss.swav_freeze_steps", "loss.swav_queue_size", "data.batch_sampler", "data.num_clusters", "data.clusters_per_batch")
 # a loss or sampler option is shown only where it is switched on (and its settings only with it)
 SHOWN_IF = {"loss.init_logit_bias": ("loss.name", "siglip"), "loss.momentum": ("loss.queue_size", None),
             "loss.image_ssl_temperature": ("loss.image_ssl_weight", None),
             "loss.byol_momentum": ("loss.byol_weight", None), "loss.byol_predictor_hidden": ("loss.byol_weight", None),
+            **{f"loss.swav_{k}": ("loss.swav_weight", None) for k in ("prototypes", "temperature", "epsilon",
+                                                                      "iterations", "freeze_steps", "queue_size")},
             "data.num_clusters": ("data.batch_sampler", "cluster"),
             "data.clusters_per_batch": ("data.batch_sampler", "cluster")}
 

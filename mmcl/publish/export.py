@@ -221,8 +221,8 @@ def _export_remote_code(bundle: EncoderBundle, folder: Path, report: ExportRepor
     model: DualEncoder = bundle.encoder
     cfg = model.config
     state = {k: v for k, v in model.state_dict().items()
-             if not k.startswith(("image_ssl_head.", "predictor."))}  # heads used only in training
-    plain = DualEncoder(replace(cfg, image_ssl_dim=None, predictor_hidden=None, extra={}))
+             if not k.startswith(("image_ssl_head.", "predictor.", "prototypes."))}  # used only in training
+    plain = DualEncoder(replace(cfg, image_ssl_dim=None, predictor_hidden=None, swav_prototypes=None, extra={}))
     plain.load_state_dict(state)
     plain.save_pretrained(folder)  # model.safetensors and mmcl_config.json: mmcl's format
     build_processor("", bundle.tokenizer, bundle.image_processor).save_pretrained(folder)

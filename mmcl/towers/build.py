@@ -113,10 +113,11 @@ def fit_text_config(cfg: ModelConfig, tokenizer: Any) -> None:
 
 
 def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ssl_dim: int | None = None,
-                predictor_hidden: int | None = None) -> DualEncoder:
+                predictor_hidden: int | None = None, swav_prototypes: int | None = None) -> DualEncoder:
     """The dual encoder `cfg` describes, with its towers frozen as configured; with a learned logit
     bias starting at `init_logit_bias` when the loss needs one (SigLIP), and an image–image head of
-    width `image_ssl_dim` when the loss has SLIP's or BYOL's term (BYOL's predictor: `predictor_hidden`)."""
+    width `image_ssl_dim` when the loss has SLIP's, BYOL's or SwAV's term (BYOL's predictor: `predictor_hidden`;
+    SwAV's prototypes: `swav_prototypes`)."""
     backbones.trust_configured(cfg)  # the config is the user's own: the backbone it names may load
     if cfg.init_from:
         model = load_initial_model(cfg)
@@ -126,6 +127,8 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
             model.add_image_ssl_head(image_ssl_dim)
         if predictor_hidden is not None:
             model.add_predictor(predictor_hidden)
+        if swav_prototypes is not None:
+            model.add_prototypes(swav_prototypes)
     else:
         text = build_tower(cfg.text_model, cfg.text_config, cfg.trust_remote_code)
         vision = build_tower(cfg.vision_model, cfg.vision_config, cfg.trust_remote_code)
@@ -134,7 +137,7 @@ def build_model(cfg: ModelConfig, init_logit_bias: float | None = None, image_ss
             text_pooling=cfg.text_pooling, vision_pooling=cfg.vision_pooling,
             projection_dim=cfg.projection_dim, init_temperature=cfg.init_temperature,
             max_logit_scale=cfg.max_logit_scale, init_logit_bias=init_logit_bias, image_ssl_dim=image_ssl_dim,
-            predictor_hidden=predictor_hidden)
+            predictor_hidden=predictor_hidden, swav_prototypes=swav_prototypes)
         model = DualEncoder(config, text, vision)
     apply_lora(model, cfg)
     apply_freezing(model, cfg)

@@ -45,6 +45,7 @@ class DualEncoderConfig:
     identity_projection: bool = False  # SigLIP's towers project themselves: no projection layers
     image_ssl_dim: int | None = None  # SLIP / BYOL: an image–image MLP head of this output width, else none
     predictor_hidden: int | None = None  # BYOL: a predictor MLP of this hidden width (run by the objective)
+    swav_prototypes: int | None = None  # SwAV: this many prototypes per space (run by the objective)
     extra: dict[str, Any] = field(default_factory=dict)  # free metadata (training config, ...)
 
 
@@ -156,6 +157,18 @@ def predictor_head(dim: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
 
+def prototype_layers(count: int, embed_dim: int, ssl_dim: int | None) -> nn.ModuleDict:
+    """SwAV's prototypes (training only): `count` unit vectors in the joint embedding space ("pairs")
+    and, with an image–image head, in its output space ("views"), as bias-free linear layers."""
+    layers = {"pairs": nn.Linear(embed_dim, count, bias=False)}
+    if ssl_dim is not None:
+        layers["views"] = nn.Linear(ssl_dim, count, bias=False)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight.copy_(F.normalize(layer.weight, dim=-1))
+    return nn.ModuleDict(layers)
+
+
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, copied when it is a view into a larger buffer (a gathered FSDP state dict): safetensors
     refuses to save part of a storage."""
@@ -207,6 +220,8 @@ class DualEncoder(nn.Module):
         self.image_ssl_head = None if config.image_ssl_dim is None else ssl_head(vision_width, config.image_ssl_dim)
         self.predictor = None if config.predictor_hidden is None or config.image_ssl_dim is None else \
             predictor_head(config.image_ssl_dim, config.predictor_hidden)
+        self.prototypes = None if config.swav_prototypes is None else \
+            prototype_layers(config.swav_prototypes, self.embed_dim, config.image_ssl_dim)
 
     @property
     def embed_dim(self) -> int:
@@ -262,6 +277,13 @@ class DualEncoder(nn.Module):
         if self.predictor is None and self.image_ssl_head is not None:
             self.config.predictor_hidden = hidden
             self.predictor = predictor_head(self.config.image_ssl_dim, hidden).to(self.logit_scale.device)
+
+    def add_prototypes(self, count: int) -> None:
+        """Give a model SwAV's prototypes (to train it with SwAV's term; after any image–image head)."""
+        if self.prototypes is None:
+            self.config.swav_prototypes = count
+            self.prototypes = prototype_layers(count, self.embed_dim, self.config.image_ssl_dim).to(
+                self.logit_scale.device)
 
     def add_logit_bias(self, init: float) -> None:
         """Give a model trained without one a learned logit bias (to fine-tune it with SigLIP's loss)."""

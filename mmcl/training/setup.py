@@ -28,7 +28,7 @@ from ..data.pairs import PairCollator, PairRecipe, SkipCounter
 from ..evaluation.evaluators import eval_specs, load_eval_datasets
 from ..evaluation.retention import Retention
 from ..evaluation.zero_shot import caption_style
-from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias, predictor_hidden
+from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias, predictor_hidden, swav_prototypes
 from ..towers.build import build_image_processor, build_model, build_tokenizer, fit_text_config
 from ..towers.inference import EncoderBundle, load_encoder, load_processors
 from . import checkpoint as ckpt
@@ -93,7 +93,7 @@ def setup(config: Config, lock: RunLock) -> Run:
     # 4. model (seeded again: the same initial weights whatever happened before)
     set_seed(t.seed)
     model = build_model(config.model, init_logit_bias(config.loss), image_ssl_dim(config.loss),
-                        predictor_hidden(config.loss))
+                        predictor_hidden(config.loss), swav_prototypes(config.loss))
     # 5. optimizer and schedule
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
@@ -247,6 +247,9 @@ def check_sharding(model: ModelConfig, loss: LossConfig, acc: Accelerator) -> No
     if loss.byol_weight:
         raise ConfigError("loss.byol_weight keeps a full EMA target copy of the model, which is not sharded yet: "
                           "use a DDP launch config")
+    if loss.swav_weight:
+        raise ConfigError("loss.swav_weight runs the model's prototypes outside its sharded forward, which FSDP / "
+                          "DeepSpeed do not gather yet: use a DDP launch config")
 
 
 def saved_tensors(model: torch.nn.Module) -> Callable[[str], bool]:

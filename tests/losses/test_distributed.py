@@ -47,7 +47,12 @@ LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature
           # epsilon is raised because at 1e-6 AdamW turns one weight's ~1e-9 gradient rounding into a 1.06e-5
           # difference (next largest 3.2e-6); at 1e-4 the largest is 2.5e-7 (measured)
           "clip-cache-byol": ("--loss.cache_chunk=5", "--loss.byol_weight=1.0", "--loss.image_ssl_dim=16",
-                              "--train.adam_epsilon=1e-4")}
+                              "--train.adam_epsilon=1e-4"),
+          # SwAV with SigLIP through the cache: Sinkhorn's sums over both processes, its queue (one global
+          # batch, in use at step 2), the prototypes frozen in step 1
+          "siglip-cache-swav-queue": ("--loss.name=siglip", "--model.init_temperature=0.1", "--loss.cache_chunk=5",
+                                      "--loss.swav_weight=1.0", "--loss.swav_queue_size=32",
+                                      "--loss.swav_freeze_steps=1", "--loss.image_ssl_dim=16")}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +84,8 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, emoji_cac
     single_logs, single = run(1, 32, tmp_path / "one", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
     multi_logs, multi = run(2, 16, tmp_path / "two", emoji_cache, small_emoji, tokenizer, LOSSES[loss])
     terms = ["train/loss", "train/loss_pair", *(["train/loss_image_ssl"] if "slip" in loss else []),
-             *(["train/loss_byol"] if "byol" in loss else [])]
+             *(["train/loss_byol"] if "byol" in loss else []),
+             *(["train/loss_swav_views", "train/loss_swav_pairs"] if "swav" in loss else [])]
     assert len(single_logs) == len(multi_logs) == 2
     for a, b in zip(single_logs, multi_logs):
         assert [k for k in a if k.startswith("train/loss")] == terms  # each term logged apart

@@ -103,14 +103,15 @@ def _images() -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((16, 16), (30, 20))]
 
 
-def _train_like_folder(tmp_path, text, vision, text_pooling, vision_pooling):
-    """A trained-model folder as `save_final` writes it (max_text_length 16)."""
+def _train_like_folder(tmp_path, text, vision, text_pooling, vision_pooling, **heads):
+    """A trained-model folder as `save_final` writes it (max_text_length 16); `heads`: build_model's
+    training-only heads (image_ssl_dim, predictor_hidden, swav_prototypes)."""
     tokenizer = train_tokenizer(CAPTIONS, vocab_size=120)
     cfg = ModelConfig(text_config=dict(text), vision_config=dict(vision), projection_dim=8, image_size=16,
                       text_pooling=text_pooling, vision_pooling=vision_pooling, max_text_length=16)
     fit_text_config(cfg, tokenizer)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg, **heads)
     with torch.no_grad():
         model.logit_scale.fill_(3.3)
     folder = tmp_path / "mmcl_model"
@@ -194,6 +195,23 @@ def test_export_loads_without_mmcl_and_matches(tmp_path, case):
                                return_tensors="pt")
         again = bundle.encoder.get_text_features(enc["input_ids"], enc["attention_mask"])
     assert (torch.nn.functional.normalize(again, dim=-1) - ref_text).abs().max().item() < 1e-5
+
+
+def test_the_training_heads_stay_out_of_the_export(tmp_path):
+    """SLIP's / BYOL's head and predictor and SwAV's prototypes train the model; the export is the encoder."""
+    from safetensors import safe_open
+
+    folder = _train_like_folder(tmp_path, BERT, VIT, "mean", "cls", image_ssl_dim=4, predictor_hidden=6,
+                                swav_prototypes=5)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert {"predictor.0.weight", "prototypes.pairs.weight", "image_ssl_head.0.weight"} <= set(f.keys())
+    report = export_model(folder, tmp_path / "exported")
+    assert all(v < 1e-5 for v in report.max_abs_diff.values()), report.max_abs_diff
+    for path in (tmp_path / "exported").rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            assert not [k for k in f.keys() if k.startswith(("image_ssl_head.", "predictor.", "prototypes."))], path
+    saved = json.loads((tmp_path / "exported" / "mmcl_config.json").read_text())
+    assert (saved["image_ssl_dim"], saved["predictor_hidden"], saved["swav_prototypes"]) == (None, None, None)
 
 
 def test_export_rejects_a_folder_that_is_not_mmcl(tmp_path):

@@ -1,0 +1,147 @@
+"""SwAV's term (Caron et al. 2020): embeddings are assigned to learned prototypes by an
+equal-partition Sinkhorn–Knopp step, and each embedding predicts its partner's assignment
+("swapped prediction"). No negatives are compared directly; the equal partition is what keeps
+every embedding from falling into one prototype.
+
+Two partnerships, each logged as its own term:
+- `loss_swav_views`: image i's two augmented views (the image–image head's output, rows 2i and
+  2i + 1) predict each other's assignment, over the prototypes `model.prototypes["views"]`;
+- `loss_swav_pairs`: an image's assignment predicts its caption's and the caption's predicts the
+  image's, over prototypes in the joint embedding space (`model.prototypes["pairs"]`): a clustering
+  view of image–text alignment.
+
+The prototypes are the model's parameters (the optimizer, DDP and checkpoints hold them), kept unit
+norm at every optimizer step and frozen (zero gradient) for the first `freeze_steps`. Sinkhorn's
+sums run over all processes, so N processes compute exactly the assignments one process computes
+on the global batch; GradCache gives it the whole batch at once. With `queue_size`, the last rows
+(detached, `queue_size` over all processes) join the Sinkhorn step to steady the assignments at a
+small batch; only the batch's own rows are scored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
+from torch import nn
+
+from .distributed import is_distributed
+
+SPACES = ("views", "images", "texts")  # what the queue keeps: the scores' rows of each kind
+
+
+def _all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """`tensor` summed (or `op`) over all processes, in place."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """Soft assignments (B, K) of this process's rows of `scores` (B, K: cosine to each prototype)
+    such that, over all processes' rows, every prototype receives an equal share and every row sums
+    to 1: Sinkhorn–Knopp on exp(scores / epsilon), its row and column sums taken over all processes."""
+    logits = scores.float() / epsilon
+    top = _all_reduce(logits.max().clone(), dist.ReduceOp.MAX if is_distributed() else None)
+    q = torch.exp(logits - top).T  # (K, B); the shift cancels in the normalisation
+    prototypes = q.shape[0]
+    rows = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= _all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: 1 / K of the mass
+        q /= prototypes
+        q /= q.sum(dim=0, keepdim=True)  # each row: 1 / B of the mass
+        q /= rows
+    return (q * rows).T
+
+
+def swapped(codes: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the predicted distribution softmax(`logits`) against the partner's `codes`,
+    the mean over rows."""
+    return -(codes * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+class SwAV(nn.Module):
+    """`weight` x each swapped-prediction term. Call `before_step(model)` at the start of every
+    micro-batch, then the module on the model and the batch's embeddings. `queue_size` counts
+    images over all processes (each keeps its share; their two views and caption too)."""
+
+    def __init__(self, weight: float, temperature: float, epsilon: float, iterations: int, freeze_steps: int,
+                 queue_size: int, dims: dict[str, int], accumulation_steps: int = 1, world_size: int = 1) -> None:
+        super().__init__()
+        self.weight, self.temperature, self.epsilon, self.iterations = weight, temperature, epsilon, iterations
+        self.freeze_steps, self.accumulation_steps = freeze_steps, accumulation_steps
+        images = queue_size // world_size
+        for space, rows in zip(SPACES, (2 * images, images, images)):
+            self.register_buffer(f"queue_{space}", torch.zeros(rows, dims[space]))
+        self.register_buffer("filled", torch.zeros(len(SPACES), dtype=torch.long))  # queue rows in use
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def step(self) -> int:
+        """The optimizer step the current micro-batch belongs to."""
+        return (int(self.calls) - 1) // self.accumulation_steps
+
+    @torch.no_grad()
+    def before_step(self, model: nn.Module) -> None:
+        """Prototypes back to unit norm, on the first micro-batch of each optimizer step."""
+        if int(self.calls) % self.accumulation_steps == 0:
+            for layer in prototypes_of(model).values():
+                layer.weight.copy_(F.normalize(layer.weight, dim=-1))
+        self.calls += 1
+
+    def forward(self, model: nn.Module, views: torch.Tensor | None, images: torch.Tensor,
+                texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms on this process's rows (`views`: (2B, D_ssl), rows 2i and 2i + 1 image i's;
+        `images`, `texts`: (B, D), row i a pair), all unit norm."""
+        layers = prototypes_of(model)
+        frozen = self.step() < self.freeze_steps
+        terms = {}
+        if views is not None:
+            scores = self.scores(layers["views"], views, frozen)
+            codes = self.assign(layers["views"], scores, "views", views)
+            partner = torch.arange(len(views), device=views.device) ^ 1
+            terms["loss_swav_views"] = self.weight * swapped(codes[partner], scores / self.temperature)
+        image_scores = self.scores(layers["pairs"], images, frozen)
+        text_scores = self.scores(layers["pairs"], texts, frozen)
+        image_codes = self.assign(layers["pairs"], image_scores, "images", images)
+        text_codes = self.assign(layers["pairs"], text_scores, "texts", texts)
+        terms["loss_swav_pairs"] = self.weight * (swapped(image_codes, text_scores / self.temperature)
+                                                  + swapped(text_codes, image_scores / self.temperature)) / 2
+        return terms
+
+    @staticmethod
+    def scores(layer: nn.Linear, embeds: torch.Tensor, frozen: bool) -> torch.Tensor:
+        """Cosine of each row to each prototype, (B, K); while frozen the prototypes get a zero
+        gradient (not none: DDP expects every parameter's gradient at every step)."""
+        weight = layer.weight.detach() + 0.0 * layer.weight if frozen else layer.weight
+        return embeds.float() @ weight.float().T
+
+    @torch.no_grad()
+    def assign(self, layer: nn.Linear, scores: torch.Tensor, space: str, embeds: torch.Tensor) -> torch.Tensor:
+        """Sinkhorn codes of this batch's rows, with the queue's rows (scored by the prototypes as
+        they are now) in the partition; then the batch's rows join the queue, newest first."""
+        queue: torch.Tensor = getattr(self, f"queue_{space}")
+        if not len(queue):
+            return sinkhorn(scores, self.epsilon, self.iterations)
+        index = SPACES.index(space)
+        held = queue[:int(self.filled[index])]
+        codes = sinkhorn(torch.cat([scores, held @ layer.weight.float().T]), self.epsilon, self.iterations)
+        queue.copy_(torch.cat([embeds.float(), queue])[:len(queue)])
+        self.filled[index] = min(len(queue), int(self.filled[index]) + len(embeds))
+        return codes[:len(embeds)]
+
+    @staticmethod
+    def parameters_of(model: nn.Module) -> list[nn.Parameter]:
+        """The parameters the term runs itself (the prototypes), for GradCache."""
+        return list(prototypes_of(model).parameters())
+
+
+def prototypes_of(model: nn.Module) -> nn.ModuleDict:
+    prototypes = extract_model_from_parallel(model).prototypes
+    if prototypes is None:
+        raise ValueError("loss.swav_weight needs the model's prototypes (DualEncoderConfig.swav_prototypes)")
+    return prototypes
