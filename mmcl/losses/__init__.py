@@ -10,11 +10,12 @@ queue, the image–image term) into the callable the training loop runs: `object
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
 
-from ..config import ConfigError, LossConfig
+from ..config import LossConfig
 from .byol import BYOL, byol_loss
 from .clip import ClipLoss
 from .negatives import Negatives
@@ -58,25 +59,31 @@ def swav_prototypes(cfg: LossConfig) -> int | None:
     return cfg.swav_prototypes if cfg.swav_weight else None
 
 
-def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any, max_steps: int = 1) -> Objective:
+def needs_copy(cfg: LossConfig) -> bool:
+    """Whether the objective keeps an EMA copy of (part of) the model: a momentum queue, BYOL's target."""
+    return bool(cfg.queue_size and cfg.momentum) or bool(cfg.byol_weight)
+
+
+def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any, max_steps: int = 1,
+                    blueprint: nn.Module | None = None) -> Objective:
     """The training objective for the prepared `model` (its queue and BYOL's target copy it; call after
     `accelerator.prepare`), on the accelerator's device; `max_steps`: the run's, for BYOL's EMA schedule."""
     from accelerate.utils import extract_model_from_parallel
 
     queue = None
+    second = blueprint  # BYOL's target is sharded from its own blueprint when the queue's copy takes one
+    if blueprint is not None and cfg.queue_size and cfg.momentum and cfg.byol_weight:
+        second = copy.deepcopy(blueprint)
     if cfg.queue_size:
         queue = FeatureQueue(cfg.queue_size, extract_model_from_parallel(model).embed_dim, cfg.momentum, model,
-                             accelerator.gradient_accumulation_steps)
+                             accelerator.gradient_accumulation_steps, blueprint)
     ssl = ImageSSL(cfg.image_ssl_weight, cfg.image_ssl_temperature) if cfg.image_ssl_weight else None
-    byol = BYOL(cfg.byol_weight, cfg.byol_momentum, model, max_steps,
-                accelerator.gradient_accumulation_steps) if cfg.byol_weight else None
+    byol = BYOL(cfg.byol_weight, cfg.byol_momentum, model, max_steps, accelerator.gradient_accumulation_steps,
+                second) if cfg.byol_weight else None
     swav = None
     if cfg.swav_weight:
         unwrapped = extract_model_from_parallel(model)
         dims = {"views": cfg.image_ssl_dim, "images": unwrapped.embed_dim, "texts": unwrapped.embed_dim}
-        if cfg.swav_queue_size % accelerator.num_processes:
-            raise ConfigError(f"loss.swav_queue_size={cfg.swav_queue_size} is shared by {accelerator.num_processes} "
-                              "processes: make it a multiple of the global batch")
         swav = SwAV(cfg.swav_weight, cfg.swav_temperature, cfg.swav_epsilon, cfg.swav_iterations, cfg.swav_freeze_steps,
-                    cfg.swav_queue_size, dims, accelerator.gradient_accumulation_steps, accelerator.num_processes)
+                    cfg.swav_queue_size, dims, accelerator.gradient_accumulation_steps)
     return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue, ssl, byol, swav).to(accelerator.device)

@@ -5,9 +5,10 @@ Online: the vision tower and the image–image head (the projector, shared with 
 model's forward, then the model's predictor MLP, which this module runs on the *whole gathered
 batch*: its batch norm is what keeps the term from collapsing (a predictor without one collapsed
 on the toy set), and statistics over one chunk or one process would make GradCache and N processes
-differ from the full-batch step. Target: an EMA copy of the vision tower and the head, run without
-a graph. The EMA rate follows BYOL's schedule, tau_k = 1 - (1 - tau_0) (cos(pi k / K) + 1) / 2 over
-the run's K optimizer steps, and moves once per optimizer step (the first micro-batch of each). The
+differ from the full-batch step. Target: an EMA copy of the vision tower and
+the head (sharded as the model is, `mmcl.losses.ema`), run without a graph. The EMA rate follows
+BYOL's schedule, tau_k = 1 - (1 - tau_0) (cos(pi k / K) + 1) / 2 over the run's K optimizer steps,
+and moves once per optimizer step (the first micro-batch of each). The
 copy and its step count are this module's parameters and buffers: checkpoints keep them.
 
 Against SLIP's NT-Xent: BYOL needs no negatives, so it does not weaken at a small batch or when the
@@ -17,7 +18,6 @@ the vision tower and one more vision forward per step.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..towers.lora import is_adapter_weight, merged_weights
 from ..towers.model import pool
+from .ema import frozen_copy, reshard
 from .distributed import gather_with_grad
 
 
@@ -44,11 +45,11 @@ class BYOL(nn.Module):
     the views' online embeddings (the model's `view_embeds`, its own rows of the global batch)."""
 
     def __init__(self, weight: float, momentum: float, model: nn.Module, max_steps: int,
-                 accumulation_steps: int = 1) -> None:
+                 accumulation_steps: int = 1, blueprint: nn.Module | None = None) -> None:
         super().__init__()
         self.weight, self.base_momentum = weight, momentum
         self.max_steps, self.accumulation_steps = max(1, max_steps), accumulation_steps
-        self.target = TargetNetwork(extract_model_from_parallel(model))
+        self.target = TargetNetwork(extract_model_from_parallel(model), blueprint)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def momentum(self, step: int) -> float:
@@ -105,10 +106,10 @@ class TargetNetwork(nn.Module):
     would average neither the update nor the layer. Float buffers (batch-norm statistics) are
     averaged as the weights are."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, blueprint: nn.Module | None = None) -> None:
         super().__init__()
-        self.vision_model = copy.deepcopy(model.vision_model)
-        self.image_ssl_head = copy.deepcopy(model.image_ssl_head)
+        self.vision_model = frozen_copy(model.vision_model, blueprint and blueprint.vision_model)
+        self.image_ssl_head = frozen_copy(model.image_ssl_head, blueprint and blueprint.image_ssl_head)
         self.pooling = model.config.vision_pooling
         self.requires_grad_(False).eval()
         for name, param in self.named_parameters():
@@ -119,6 +120,7 @@ class TargetNetwork(nn.Module):
     @torch.no_grad()
     def follow(self, model: nn.Module, tau: float) -> None:
         """Every float weight and buffer <- tau itself + (1 - tau) the online model's effective one."""
+        reshard(model, self)
         online = effective_weights(model)
         for name, mine in self.state_dict(keep_vars=True).items():
             if is_adapter_weight(name):

@@ -61,11 +61,17 @@ def _cat(outs: list[DualEncoderOutput], field: str) -> torch.Tensor | None:
 
 
 def cached_step(model: nn.Module, chunks: list[dict[str, torch.Tensor]], loss_of: LossOf, accelerator: Any,
-                loss_params: list[nn.Parameter] | None = None) -> tuple[torch.Tensor, Terms, DualEncoderOutput]:
+                loss_params: Callable[[], list[nn.Parameter]] | None = None
+                ) -> tuple[torch.Tensor, Terms, DualEncoderOutput]:
     """(the loss of the whole batch, ready for the loop's `accelerator.backward`; its terms, detached;
-    the batch's embeddings, detached). `loss_params`: parameters `loss_of` itself runs on the
-    embeddings (BYOL's predictor); their gradient joins the last chunk's. See the module docstring."""
-    loss_params = [p for p in loss_params or [] if p.requires_grad]
+    the batch's embeddings, detached). `loss_params`: the parameters `loss_of` itself runs on the
+    embeddings (BYOL's predictor, SwAV's prototypes); their gradient joins the last chunk's. A callable,
+    read after the forwards: under FSDP2 the tensors a module holds change between its sharded and
+    its gathered form, and the gradient must reach the gathered ones its forward used. See the
+    module docstring."""
+    if callable(getattr(model, "unshard", None)):  # FSDP2 resharded after the no-grad forwards: gather the
+        model.unshard()                             # parameters the loss itself runs (its backward reshards)
+    own = [p for p in (loss_params or list)() if p.requires_grad]
     device = chunks[0]["pixel_values"].device
     # Step (1): embed every chunk without a graph, keeping the random state each started from
     states, first = [], []
@@ -80,7 +86,7 @@ def cached_step(model: nn.Module, chunks: list[dict[str, torch.Tensor]], loss_of
     loss, terms = loss_of(DualEncoderOutput(embeds["image_embeds"], embeds["text_embeds"], scale, bias,
                                             embeds["view_embeds"]))
     leaves = [e for e in embeds.values() if e is not None]
-    grads = torch.autograd.grad(loss, leaves + scalars + loss_params, allow_unused=True)
+    grads = torch.autograd.grad(loss, leaves + scalars + own, allow_unused=True)
     by_name = dict(zip([n for n, e in embeds.items() if e is not None], grads))
     sizes = {name: [len(getattr(o, name)) for o in first] for name in by_name}
     split = {name: (g.split(sizes[name]) if g is not None else [None] * len(chunks)) for name, g in by_name.items()}
@@ -97,7 +103,8 @@ def cached_step(model: nn.Module, chunks: list[dict[str, torch.Tensor]], loss_of
                 accelerator.backward(surrogate)
     after.restore()
     rerun_scalars = [p for p in (rerun.logit_scale, rerun.logit_bias) if p is not None and p.requires_grad]
-    for param, grad in zip(rerun_scalars + loss_params, grads[len(leaves):]):
+    rerun_own = [p for p in (loss_params or list)() if p.requires_grad]
+    for param, grad in zip(rerun_scalars + rerun_own, grads[len(leaves):]):
         if grad is not None:
             surrogate = surrogate + (param * grad).sum()  # keep the loss 0-d
     detached = DualEncoderOutput(*(e.detach() if e is not None else None for e in

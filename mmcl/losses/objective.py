@@ -76,7 +76,9 @@ class Objective(nn.Module):
 
         if self.cache_chunk:
             chunks = split_rows(batch, math.ceil(len(batch["pixel_values"]) / self.cache_chunk))
-            own = [p for term in (self.byol, self.swav) if term is not None for p in term.parameters_of(model)]
+            def own() -> list[nn.Parameter]:  # read when used: FSDP2 swaps sharded and gathered tensors
+                return [p for term in (self.byol, self.swav) if term is not None for p in term.parameters_of(model)]
+
             loss, terms, out = cached_step(model, chunks, loss_of, self.accelerator, own)
         else:
             chunks = [batch]

@@ -11,7 +11,6 @@ parameters of this module: they are saved in checkpoints and restored on resume.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..towers.model import DualEncoderOutput
 from .distributed import gather_ids
+from .ema import ema_, frozen_copy
 from .negatives import Negatives
 
 
@@ -29,7 +29,7 @@ class FeatureQueue(nn.Module):
     (it moves the copy once per optimizer step), `negatives()` for the current contents, then `push`."""
 
     def __init__(self, size: int, dim: int, momentum: float, model: nn.Module | None = None,
-                 accumulation_steps: int = 1) -> None:
+                 accumulation_steps: int = 1, blueprint: nn.Module | None = None) -> None:
         super().__init__()
         self.size, self.momentum, self.accumulation_steps = size, momentum, accumulation_steps
         for name, dtype, shape in (("images", torch.float32, (size, dim)), ("texts", torch.float32, (size, dim)),
@@ -41,15 +41,14 @@ class FeatureQueue(nn.Module):
         if momentum > 0:
             if model is None:
                 raise ValueError("a momentum queue needs the model to copy")
-            self.momentum_model = copy.deepcopy(extract_model_from_parallel(model)).requires_grad_(False).eval()
+            online = extract_model_from_parallel(model)
+            self.momentum_model = frozen_copy(online, blueprint)  # sharded as the model is
 
     @torch.no_grad()
     def before_step(self, model: nn.Module) -> None:
         """theta_k <- m theta_k + (1 - m) theta_q on the first micro-batch of each optimizer step."""
         if self.momentum_model is not None and int(self.calls) % self.accumulation_steps == 0:
-            current = extract_model_from_parallel(model)
-            for mine, theirs in zip(self.momentum_model.parameters(), current.parameters()):
-                mine.lerp_(theirs.detach().to(mine.dtype), 1.0 - self.momentum)
+            ema_(self.momentum_model, extract_model_from_parallel(model), 1.0 - self.momentum)
         self.calls += 1
 
     def negatives(self) -> Negatives | None:

@@ -14,8 +14,10 @@ The prototypes are the model's parameters (the optimizer, DDP and checkpoints ho
 norm at every optimizer step and frozen (zero gradient) for the first `freeze_steps`. Sinkhorn's
 sums run over all processes, so N processes compute exactly the assignments one process computes
 on the global batch; GradCache gives it the whole batch at once. With `queue_size`, the last rows
-(detached, `queue_size` over all processes) join the Sinkhorn step to steady the assignments at a
-small batch; only the batch's own rows are scored.
+(detached, `queue_size` images over all processes) join the Sinkhorn step to steady the assignments at a
+small batch; only the batch's own rows are scored. The queue holds every process's rows (gathered,
+alike on every process, so a checkpoint from one process keeps it whole) and each process puts its
+share of them, rows rank::world, into the partition.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from .distributed import is_distributed
+from .distributed import gather_ids, is_distributed
 
 SPACES = ("views", "images", "texts")  # what the queue keeps: the scores' rows of each kind
 
@@ -68,15 +70,14 @@ def swapped(codes: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 class SwAV(nn.Module):
     """`weight` x each swapped-prediction term. Call `before_step(model)` at the start of every
     micro-batch, then the module on the model and the batch's embeddings. `queue_size` counts
-    images over all processes (each keeps its share; their two views and caption too)."""
+    images over all processes (with their two views and caption)."""
 
     def __init__(self, weight: float, temperature: float, epsilon: float, iterations: int, freeze_steps: int,
-                 queue_size: int, dims: dict[str, int], accumulation_steps: int = 1, world_size: int = 1) -> None:
+                 queue_size: int, dims: dict[str, int], accumulation_steps: int = 1) -> None:
         super().__init__()
         self.weight, self.temperature, self.epsilon, self.iterations = weight, temperature, epsilon, iterations
         self.freeze_steps, self.accumulation_steps = freeze_steps, accumulation_steps
-        images = queue_size // world_size
-        for space, rows in zip(SPACES, (2 * images, images, images)):
+        for space, rows in zip(SPACES, (2 * queue_size, queue_size, queue_size)):
             self.register_buffer(f"queue_{space}", torch.zeros(rows, dims[space]))
         self.register_buffer("filled", torch.zeros(len(SPACES), dtype=torch.long))  # queue rows in use
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
@@ -128,10 +129,12 @@ class SwAV(nn.Module):
         if not len(queue):
             return sinkhorn(scores, self.epsilon, self.iterations)
         index = SPACES.index(space)
-        held = queue[:int(self.filled[index])]
+        rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+        held = queue[:int(self.filled[index])][rank::world]  # this process's share of the partition
         codes = sinkhorn(torch.cat([scores, held @ layer.weight.float().T]), self.epsilon, self.iterations)
-        queue.copy_(torch.cat([embeds.float(), queue])[:len(queue)])
-        self.filled[index] = min(len(queue), int(self.filled[index]) + len(embeds))
+        every = gather_ids(embeds.float())  # all processes' rows, in rank order
+        queue.copy_(torch.cat([every, queue])[:len(queue)])
+        self.filled[index] = min(len(queue), int(self.filled[index]) + len(every))
         return codes[:len(embeds)]
 
     @staticmethod

@@ -9,6 +9,7 @@ touches; this module never imports the loop.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from ..artifacts import (BEST_DIR, CHECKPOINTS_DIR, EXPORT_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME,
                          PROCESSOR_DIR, RunLock, check_output_folder, folder_sha256, mark_folder, restore_aside,
@@ -28,7 +29,8 @@ from ..data.pairs import PairCollator, PairRecipe, SkipCounter
 from ..evaluation.evaluators import eval_specs, load_eval_datasets
 from ..evaluation.retention import Retention
 from ..evaluation.zero_shot import caption_style
-from ..losses import Objective, build_objective, image_ssl_dim, init_logit_bias, predictor_hidden, swav_prototypes
+from ..losses import (Objective, build_objective, image_ssl_dim, init_logit_bias, needs_copy, predictor_hidden,
+                      swav_prototypes)
 from ..towers.build import build_image_processor, build_model, build_tokenizer, fit_text_config
 from ..towers.inference import EncoderBundle, load_encoder, load_processors
 from . import checkpoint as ckpt
@@ -97,6 +99,9 @@ def setup(config: Config, lock: RunLock) -> Run:
     # 5. optimizer and schedule
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
+    # FSDP2 cannot deep-copy a sharded model: the EMA copies (momentum queue, BYOL) are sharded from this one
+    blueprint = copy.deepcopy(model) if acc.distributed_type == DistributedType.FSDP and needs_copy(config.loss) \
+        else None
     # 6. prepare: the batches, and what Accelerate wraps
     recipe = PairRecipe.from_config(config.data, config.loss, image_processor)
     collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
@@ -112,7 +117,8 @@ def setup(config: Config, lock: RunLock) -> Run:
         check_one_batch(batches, len(train_ds), config.data.train, t, acc)
     frozen = None if is_sharded(acc) else ckpt.frozen_fingerprint(model)
     # 7. objective (runs the prepared model; its queue copies it)
-    objective = build_objective(config.loss, prepared_model, acc, t.max_steps)
+    objective = build_objective(config.loss, prepared_model, acc, t.max_steps, blueprint)
+    del blueprint  # its tensors now live, sharded, in the copies
     # what checkpoints keep: with frozen weights, what trains (a resume rebuilds the rest from the config)
     training = TrainingState(prepared_model, optimizer, scheduler, objective if objective.has_state() else None,
                              saved_tensors(model) if frozen else None)
@@ -238,18 +244,13 @@ def check_sharding(model: ModelConfig, loss: LossConfig, acc: Accelerator) -> No
     if model.lora:
         raise ConfigError("model.lora is not supported with sharded parameters (FSDP / DeepSpeed) yet: its adapters "
                           "are merged from whole weights; use a DDP launch config")
-    if loss.cache_chunk:
-        raise ConfigError("loss.cache_chunk (GradCache) is not supported with sharded parameters (FSDP / DeepSpeed) "
-                          "yet: use a DDP launch config, or set loss.cache_chunk=0")
-    if loss.queue_size and loss.momentum:
-        raise ConfigError("loss.momentum > 0 keeps a full EMA copy of the model, which is not sharded: with FSDP / "
-                          "DeepSpeed set loss.momentum=0 (a queue of the model's own embeddings) or use DDP")
-    if loss.byol_weight:
-        raise ConfigError("loss.byol_weight keeps a full EMA target copy of the model, which is not sharded yet: "
-                          "use a DDP launch config")
-    if loss.swav_weight:
-        raise ConfigError("loss.swav_weight runs the model's prototypes outside its sharded forward, which FSDP / "
-                          "DeepSpeed do not gather yet: use a DDP launch config")
+    if acc.distributed_type == DistributedType.FSDP:
+        return  # GradCache, the momentum queue, BYOL and SwAV run sharded (tests/scale/test_scale_out.py)
+    for key, on in (("loss.cache_chunk", loss.cache_chunk), ("loss.momentum", loss.queue_size and loss.momentum),
+                    ("loss.byol_weight", loss.byol_weight), ("loss.swav_weight", loss.swav_weight)):
+        if on:
+            raise ConfigError(f"{key} is not supported with DeepSpeed yet (it runs parameters outside the "
+                              "partitioned forward, or copies them): use an FSDP2 or DDP launch config")
 
 
 def saved_tensors(model: torch.nn.Module) -> Callable[[str], bool]:

@@ -105,12 +105,14 @@ def save_state(folder: Path, accelerator: Accelerator, model: torch.nn.Module, o
     options = _options(accelerator)
     weights = get_model_state_dict(model, options=options)
     optim = get_optimizer_state_dict(model, optimizer, options=options)
+    # the objective's EMA copies are sharded as the model is (gathered here); its queues are alike on every process
+    extra = None if objective is None else get_model_state_dict(objective, options=options)
     if accelerator.is_main_process:
         save_file(_contiguous({k: v for k, v in weights.items() if keep is None or keep(k)}), folder / MODEL)
         _save_optimizer(folder, optim)
         _write_json(folder / SCHEDULER, _json_safe(scheduler.state_dict()))
-        if objective is not None:
-            save_file(_contiguous(objective.state_dict()), folder / OBJECTIVE)
+        if extra is not None:
+            save_file(_contiguous(extra), folder / OBJECTIVE)
         if accelerator.scaler is not None:
             _write_json(folder / SCALER, accelerator.scaler.state_dict())
     _save_rng(folder, accelerator)
@@ -175,7 +177,8 @@ def load_state(folder: Path, accelerator: Accelerator, model: torch.nn.Module, o
     set_optimizer_state_dict(model, optimizer, _load_optimizer(folder) if reads else {}, options=options)
     scheduler.load_state_dict(json.loads((folder / SCHEDULER).read_text(encoding="utf-8")))
     if objective is not None:
-        objective.load_state_dict(load_file(folder / OBJECTIVE, device=str(accelerator.device)))
+        state = load_file(folder / OBJECTIVE) if reads else {}  # on the CPU: copied onto the objective's device
+        set_model_state_dict(objective, state, options=_options(accelerator))
     if accelerator.scaler is not None and (folder / SCALER).is_file():
         accelerator.scaler.load_state_dict(json.loads((folder / SCALER).read_text(encoding="utf-8")))
     _load_rng(folder, accelerator)

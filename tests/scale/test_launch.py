@@ -23,16 +23,18 @@ def fake_accelerator(kind=DistributedType.FSDP, processes=2):
     return SimpleNamespace(distributed_type=kind, num_processes=processes, process_index=0)
 
 
-@pytest.mark.parametrize("option,value,message", [("cache_chunk", 4, "GradCache"), ("queue_size", 8, "EMA copy")])
-def test_options_that_are_not_sharding_safe_are_refused(option, value, message):
+@pytest.mark.parametrize("option,value", [("cache_chunk", 4), ("queue_size", 8), ("byol_weight", 1.0),
+                                          ("swav_weight", 1.0)])
+def test_options_that_deepspeed_cannot_run_are_refused_there_and_run_under_fsdp2(option, value):
     config = Config()
     setattr(config.loss, option, value)
-    with pytest.raises(ConfigError, match=message):
-        check_sharding(config.model, config.loss, fake_accelerator())
+    with pytest.raises(ConfigError, match="not supported with DeepSpeed yet"):
+        check_sharding(config.model, config.loss, fake_accelerator(DistributedType.DEEPSPEED))
+    check_sharding(config.model, config.loss, fake_accelerator())  # FSDP2: sharded (tests/scale/test_scale_out.py)
     check_sharding(config.model, config.loss, fake_accelerator(DistributedType.MULTI_CPU))  # DDP: fine
     config.loss.momentum = 0.0
     if option == "queue_size":  # a queue of the model's own embeddings holds no model copy
-        check_sharding(config.model, config.loss, fake_accelerator())
+        check_sharding(config.model, config.loss, fake_accelerator(DistributedType.DEEPSPEED))
 
 
 def test_fsdp_wraps_each_towers_blocks():

@@ -121,6 +121,20 @@ def initial_weights(tokenizer, *overrides):
     return build_model(config.model).state_dict()
 
 
+def assert_fsdp_resume_is_exact(tmp_path, step3, args):
+    """A fresh FSDP2 job from the sharded step-3 checkpoint of run "fsdp" takes steps 4-6 as it did."""
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, resumed / "checkpoints" / step3.name)
+    shutil.copytree(tmp_path / "fsdp" / "processor", resumed / "processor")
+    launch(accelerate("fsdp2_cpu.yaml", free_port(), args("resumed", 16, "--train.resume=latest")))
+    a, b = final(tmp_path / "fsdp"), final(resumed)
+    worst = max((a[n] - b[n]).abs().max().item() for n in a)
+    print("max |difference| fsdp resumed-uninterrupted", worst)
+    assert worst < TOLERANCE
+    assert losses(resumed)[-3:] == pytest.approx(losses(tmp_path / "fsdp")[-3:], abs=TOLERANCE)
+
+
 LIT = ("--model.lock_text=true", "--model.unlock_text_layers=1")
 
 
@@ -163,16 +177,37 @@ def test_fsdp2_takes_the_steps_of_ddp_and_of_one_process_and_resumes_exactly(tmp
             "vision_model.layers.0.attention.q_proj.weight"} <= moved
 
     # resume: a fresh job from the sharded step-3 checkpoint takes steps 4-6 as the uninterrupted run
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step3, resumed / "checkpoints" / step3.name)
-    shutil.copytree(tmp_path / "fsdp" / "processor", resumed / "processor")
-    launch(accelerate("fsdp2_cpu.yaml", free_port(), args("resumed", 16, "--train.resume=latest")))
-    a, b = final(tmp_path / "fsdp"), final(resumed)
-    worst = max((a[n] - b[n]).abs().max().item() for n in a)
-    print("max |difference| fsdp resumed-uninterrupted", worst)
-    assert worst < TOLERANCE
-    assert losses(resumed)[-3:] == pytest.approx(losses(tmp_path / "fsdp")[-3:], abs=TOLERANCE)
+    assert_fsdp_resume_is_exact(tmp_path, step3, args)
+
+
+# every loss option that keeps state or runs parameters outside the forward, at once: GradCache (chunks
+# of 5), a momentum queue (its EMA copy sharded), BYOL (its EMA target sharded, its predictor on the
+# gathered batch) and SwAV (Sinkhorn over both processes, its queue). Adam's epsilon as in
+# tests/losses/test_distributed.py (BYOL).
+EVERY_OPTION = ("--loss.cache_chunk=5", "--loss.queue_size=32", "--loss.momentum=0.9", "--loss.byol_weight=1.0",
+                "--loss.swav_weight=0.5", "--loss.swav_queue_size=32", "--loss.image_ssl_dim=16",
+                "--train.adam_epsilon=1e-4")
+
+
+def test_fsdp2_runs_every_loss_option_as_one_process_and_resumes_exactly(tmp_path, emoji_cache, small_emoji,
+                                                                         small_tokenizer):
+    args = lambda out, batch, *extra: train_args(tmp_path / out, emoji_cache, small_emoji, small_tokenizer, batch,
+                                                 *LIT, *EVERY_OPTION, *extra)
+    launch([sys.executable, "-m", *args("one", 32)])
+    launch(accelerate("fsdp2_cpu.yaml", free_port(), args("fsdp", 16)))
+    print("max |difference| fsdp-one", assert_same_steps(tmp_path / "fsdp", tmp_path / "one", "fsdp vs 1 process"))
+    logged = json.loads((tmp_path / "fsdp" / "logs" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train/loss_byol", "train/loss_swav_views", "train/loss_swav_pairs"} <= set(logged)
+
+    # the checkpoint holds the EMA copies gathered (whole tensors, as one process saves them)
+    step3 = tmp_path / "fsdp" / "checkpoints" / "step-00000003"
+    single = tmp_path / "one" / "checkpoints" / "step-00000003"
+    shapes = lambda folder: {k: tuple(v.shape) for k, v in load_file(folder / "objective.safetensors").items()}
+    assert shapes(step3) == shapes(single)
+    assert any(k.startswith("byol.target.vision_model.") for k in shapes(step3))
+    assert any(k.startswith("queue.momentum_model.") for k in shapes(step3))
+
+    assert_fsdp_resume_is_exact(tmp_path, step3, args)
 
 
 def test_two_nodes_equal_one_node_and_a_lost_process_is_named_and_resumed(tmp_path, emoji_cache, small_emoji,
