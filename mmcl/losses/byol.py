@@ -71,17 +71,13 @@ class BYOL(nn.Module):
         self.target.eval()
         return self.target(views)
 
-    def forward(self, model: nn.Module, view_embeds: torch.Tensor,
-                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the term on this process's views, the collapse signal). The predictor runs on every
-        process's views at once (gathered with gradient, as `ClipLoss` gathers), and each process
-        scores its own rows. The signal is the online views' per-dimension standard deviation over
-        the global batch (detached): 0 when every view maps to one point (BYOL's failure), about
-        1/sqrt(D) for unit vectors spread over all D dimensions."""
+    def forward(self, model: nn.Module, view_embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The term on this process's views. The predictor runs on every process's views at once
+        (gathered with gradient, as `ClipLoss` gathers), and each process scores its own rows."""
         every, rank = gather_with_grad(view_embeds)
         predictions = F.normalize(predictor_of(model)(every.float()), dim=-1)
         mine = predictions[rank * len(view_embeds):(rank + 1) * len(view_embeds)]
-        return self.weight * byol_loss(mine, targets), every.detach().float().std(dim=0).mean()
+        return self.weight * byol_loss(mine, targets)
 
     @staticmethod
     def parameters_of(model: nn.Module) -> list[nn.Parameter]:

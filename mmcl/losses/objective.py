@@ -8,7 +8,10 @@ momentum copy, SLIP runs extra image views. The loop stays the same for all of t
 Terms (as open_clip's `output_dict`): `loss_pair` (the image–text loss, with its hard negatives and
 queue) and, with SLIP, `loss_image_ssl`, with BYOL, `loss_byol`, with SwAV, `loss_swav_views` and
 `loss_swav_pairs` (each already weighted); the loss is
-their sum. BYOL adds a diagnostic, `byol_view_std` (not in the loss): see `mmcl.losses.byol`. The loop logs
+their sum. With image views (SLIP, BYOL, SwAV) a diagnostic joins them, not in the loss: `view_std`,
+the per-dimension standard deviation of the unit-norm views over the global batch (0 when every view
+maps to one point, the collapse BYOL and SwAV can fall into; about 1/sqrt(D) when spread over all D
+dimensions). The loop logs
 each as `train/<term>`.
 """
 
@@ -24,6 +27,7 @@ from ..towers.model import DualEncoderOutput
 from .byol import BYOL
 from .swav import SwAV
 from .cache import VIEWS, Terms, cached_step, split_rows
+from .distributed import gather_ids
 from .negatives import Negatives
 from .queue import FeatureQueue
 from .ssl import ImageSSL
@@ -98,10 +102,13 @@ class Objective(nn.Module):
         if self.image_ssl is not None:
             terms["loss_image_ssl"] = self.image_ssl(out.view_embeds, ids.get("image_ids"))
         if self.byol is not None:
-            terms["loss_byol"], terms["byol_view_std"] = self.byol(model, out.view_embeds, targets)
+            terms["loss_byol"] = self.byol(model, out.view_embeds, targets)
         if self.swav is not None:
             terms.update(self.swav(model, out.view_embeds, pair_out.image_embeds, pair_out.text_embeds))
-        return sum(v for k, v in terms.items() if k.startswith("loss_")), terms
+        loss = sum(terms.values())
+        if out.view_embeds is not None:
+            terms["view_std"] = gather_ids(out.view_embeds.detach().float()).std(dim=0).mean()
+        return loss, terms
 
     def candidates(self, out: DualEncoderOutput, row_ids: torch.Tensor | None) -> tuple[DualEncoderOutput, Negatives | None]:
         """The batch's own pairs, and the extra candidates: hard-negative captions, the queue."""

@@ -47,18 +47,18 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     """Soft assignments (B, K) of this process's rows of `scores` (B, K: cosine to each prototype)
     such that, over all processes' rows, every prototype receives an equal share and every row sums
     to 1: Sinkhorn–Knopp on exp(scores / epsilon), its row and column sums taken over all processes."""
-    logits = scores.float() / epsilon
+    logits = scores.double() / epsilon  # float64: at a small epsilon exp() of float32 underflows to 0
     top = _all_reduce(logits.max().clone(), dist.ReduceOp.MAX if is_distributed() else None)
     q = torch.exp(logits - top).T  # (K, B); the shift cancels in the normalisation
     prototypes = q.shape[0]
-    rows = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    rows = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device, dtype=q.dtype))
     q /= _all_reduce(q.sum())
     for _ in range(iterations):
         q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: 1 / K of the mass
         q /= prototypes
         q /= q.sum(dim=0, keepdim=True)  # each row: 1 / B of the mass
         q /= rows
-    return (q * rows).T
+    return (q * rows).T.to(scores.dtype if scores.is_floating_point() else torch.float32)
 
 
 def swapped(codes: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -327,7 +327,7 @@ class Trainer:
         metrics = self.evaluate(final=True)
         skipped = ckpt.gather_skipped(self.run.skipped)
         trainable, total = self.params
-        metrics.update({k: v for k, v in self.logged.items() if k.startswith(("train/loss", "train/byol_"))})  # the last window's
+        metrics.update({k: v for k, v in self.logged.items() if k.startswith(("train/loss", "train/view_std"))})  # the last window's
         metrics.update(self.totals.summary(self.throughput))  # the whole run's MFU and data wait
         metrics.update({"train/steps": float(self.step), "train/wall_s": wall_s, "train/bad_steps": float(self.bad_steps),
                         "train/skipped_images": float(len(skipped.rows)), "train/trainable_params": float(trainable),

@@ -114,7 +114,7 @@ def test_gradcache_carries_the_views_and_takes_the_full_batch_step():
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         losses.append(terms)
-    assert set(losses[0]) == {"loss_pair", "loss_byol", "byol_view_std"} and losses[0]["loss_byol"] > 0
+    assert set(losses[0]) == {"loss_pair", "loss_byol", "view_std"} and losses[0]["loss_byol"] > 0
     for key in losses[0]:
         assert torch.allclose(losses[0][key], losses[1][key], atol=1e-5)
     assert grads[0].keys() == grads[1].keys() and any(n.startswith("predictor.") for n in grads[0])
@@ -125,7 +125,7 @@ def test_gradcache_carries_the_views_and_takes_the_full_batch_step():
 def view_std(tmp_path) -> list[float]:
     """The logged collapse signal per log window of a run in `tmp_path`."""
     lines = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
-    return [line["train/byol_view_std"] for line in lines if "train/byol_view_std" in line]
+    return [line["train/view_std"] for line in lines if "train/view_std" in line]
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_a_short_byol_run_keeps_its_view_embeddings_apart(tmp_path, emoji_cache,
                                  "--data.validation_share=0", f"--model.tokenizer={small_tokenizer}",
                                  "--loss.byol_weight=5", "--loss.image_ssl_dim=16", "--train.max_steps=30",
                                  "--train.checkpoint_every=0"))
-    assert "train/loss_byol" in metrics and "train/byol_view_std" in metrics
+    assert "train/loss_byol" in metrics and "train/view_std" in metrics
     assert "predictor.0.weight" in load_file(tmp_path / "final" / "model.safetensors")
     spread = view_std(tmp_path)
     assert len(spread) == 15 and sum(spread[-5:]) / 5 > 1.2 * spread[0], spread  # the last 5 windows: less noise

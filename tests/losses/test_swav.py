@@ -131,9 +131,29 @@ def test_gradcache_takes_the_full_batch_step(name):
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         terms.append(step_terms)
-    assert set(terms[0]) == {"loss_pair", "loss_swav_views", "loss_swav_pairs"}
+    assert set(terms[0]) == {"loss_pair", "loss_swav_views", "loss_swav_pairs", "view_std"}
     for key in terms[0]:
         assert torch.allclose(terms[0][key], terms[1][key], atol=1e-5), key
     assert grads[0].keys() == grads[1].keys() and "prototypes.views.weight" in grads[0]
     for key in grads[0]:
         assert torch.allclose(grads[0][key], grads[1][key], atol=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_short_swav_run_keeps_its_view_embeddings_apart(tmp_path, emoji_cache, small_emoji, small_tokenizer):
+    """SwAV collapses when every view maps to one point (the codes are then uniform and the loss a
+    constant log K): the logged per-dimension spread of the unit-norm views (`train/view_std`) would
+    fall toward 0. A random tower starts them close (spread ~0.05 against 1/sqrt(16) = 0.25 spread
+    evenly); with the equal partition the spread must grow: the last 5 windows' mean at least 1.2x the
+    first window's, with SwAV weighted 5 times the pair loss."""
+    from mmcl.training.loop import train
+    from tests.losses.test_byol import view_std
+    from tests.test_train import debug_config
+
+    metrics = train(debug_config(tmp_path, emoji_cache, f"--data.train={small_emoji}", "--data.validation=null",
+                                 "--data.validation_share=0", f"--model.tokenizer={small_tokenizer}",
+                                 "--loss.swav_weight=5", "--loss.swav_prototypes=16", "--loss.image_ssl_dim=16",
+                                 "--train.max_steps=30", "--train.checkpoint_every=0"))
+    assert {"train/loss_swav_views", "train/loss_swav_pairs", "train/view_std"} <= set(metrics)
+    spread = view_std(tmp_path)
+    assert len(spread) == 15 and sum(spread[-5:]) / 5 > 1.2 * spread[0], spread

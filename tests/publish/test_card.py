@@ -22,5 +22,5 @@ def test_the_card_names_the_loss_and_its_switched_on_options():
                 "| `loss.momentum` | 0.99 |", "| `loss.cache_chunk` | 32 |", "| `loss.image_ssl_weight` | 1.0 |",
                 "| `loss.image_ssl_temperature` | 0.1 |", "| `loss.hard_negative_column` | hard_negatives |",
                 "| `loss.byol_weight` | 1.0 |", "| `loss.byol_momentum` | 0.99 |", "| `loss.swav_weight` | 0.5 |",
-                "| `loss.swav_prototypes` | 64 |", "| `loss.swav_epsilon` | 0.05 |", "| `loss.swav_queue_size` | 256 |"):
+                "| `loss.swav_prototypes` | 64 |", "| `loss.swav_epsilon` | 0.02 |", "| `loss.swav_queue_size` | 256 |"):
         assert row in rich, row
