@@ -250,7 +250,7 @@ class LossConfig:
     swav_iterations: int = option(3, "SwAV: Sinkhorn-Knopp iterations")
     swav_freeze_steps: int = option(0, "SwAV: the prototypes get no update for this many optimizer steps")
     swav_queue_size: int = option(0, "SwAV: the last this many images (over all processes) join the Sinkhorn "
-                                     "step, for small batches; a multiple of the global batch; 0: none")
+                                     "step, for small batches; 0: none")
 
 
 @dataclass

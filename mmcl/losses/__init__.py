@@ -83,7 +83,8 @@ def build_objective(cfg: LossConfig, model: nn.Module, accelerator: Any, max_ste
     swav = None
     if cfg.swav_weight:
         unwrapped = extract_model_from_parallel(model)
-        dims = {"views": cfg.image_ssl_dim, "images": unwrapped.embed_dim, "texts": unwrapped.embed_dim}
+        dims = {"views": unwrapped.config.image_ssl_dim,  # a head loaded with init_from keeps its own width
+                "images": unwrapped.embed_dim, "texts": unwrapped.embed_dim}
         swav = SwAV(cfg.swav_weight, cfg.swav_temperature, cfg.swav_epsilon, cfg.swav_iterations, cfg.swav_freeze_steps,
                     cfg.swav_queue_size, dims, accelerator.gradient_accumulation_steps)
     return Objective(build_loss(cfg), accelerator, cfg.cache_chunk, queue, ssl, byol, swav).to(accelerator.device)

@@ -75,7 +75,9 @@ class BYOL(nn.Module):
         """The term on this process's views. The predictor runs on every process's views at once
         (gathered with gradient, as `ClipLoss` gathers), and each process scores its own rows."""
         every, rank = gather_with_grad(view_embeds)
-        predictions = F.normalize(predictor_of(model)(every.float()), dim=-1)
+        predictor = predictor_of(model)
+        weight = predictor[0].weight  # its dtype: FSDP2 with bf16 gathers the predictor in bf16
+        predictions = F.normalize(predictor(every.to(weight.dtype)).float(), dim=-1)
         mine = predictions[rank * len(view_embeds):(rank + 1) * len(view_embeds)]
         return self.weight * byol_loss(mine, targets)
 

@@ -34,7 +34,7 @@ def frozen_copy(online: nn.Module, blueprint: nn.Module | None) -> nn.Module:
     if blueprint is None:
         raise ValueError("a sharded model's EMA copy needs its blueprint (an unsharded copy taken before prepare)")
     mesh = next(p for p in online.parameters() if type(p).__name__ == "DTensor").device_mesh
-    replica = blueprint.to(next(online.parameters()).device)
+    replica = blueprint  # on the host: fully_shard moves each group's own shard to the device
     parts = dict(replica.named_modules())
     for name in sorted((n for n in sharded if n), key=lambda n: -n.count(".")):  # innermost first
         fully_shard(parts[name], mesh=mesh)

@@ -133,8 +133,9 @@ class SwAV(nn.Module):
         held = queue[:int(self.filled[index])][rank::world]  # this process's share of the partition
         codes = sinkhorn(torch.cat([scores, held @ layer.weight.float().T]), self.epsilon, self.iterations)
         every = gather_ids(embeds.float())  # all processes' rows, in rank order
-        queue.copy_(torch.cat([every, queue])[:len(queue)])
-        self.filled[index] = min(len(queue), int(self.filled[index]) + len(every))
+        if torch.isfinite(every).all():  # a bad step's rows would make every later code NaN
+            queue.copy_(torch.cat([every, queue])[:len(queue)])
+            self.filled[index] = min(len(queue), int(self.filled[index]) + len(every))
         return codes[:len(embeds)]
 
     @staticmethod

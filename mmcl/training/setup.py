@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from ..artifacts import (BEST_DIR, CHECKPOINTS_DIR, EXPORT_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME,
                          PROCESSOR_DIR, RunLock, check_output_folder, folder_sha256, mark_folder, restore_aside,
@@ -100,8 +100,7 @@ def setup(config: Config, lock: RunLock) -> Run:
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t)
     # FSDP2 cannot deep-copy a sharded model: the EMA copies (momentum queue, BYOL) are sharded from this one
-    blueprint = copy.deepcopy(model) if acc.distributed_type == DistributedType.FSDP and needs_copy(config.loss) \
-        else None
+    blueprint = copy.deepcopy(model) if getattr(acc, "is_fsdp2", False) and needs_copy(config.loss) else None
     # 6. prepare: the batches, and what Accelerate wraps
     recipe = PairRecipe.from_config(config.data, config.loss, image_processor)
     collator = PairCollator(tokenizer, config.model.max_text_length, config.model.text_padding)
@@ -244,13 +243,13 @@ def check_sharding(model: ModelConfig, loss: LossConfig, acc: Accelerator) -> No
     if model.lora:
         raise ConfigError("model.lora is not supported with sharded parameters (FSDP / DeepSpeed) yet: its adapters "
                           "are merged from whole weights; use a DDP launch config")
-    if acc.distributed_type == DistributedType.FSDP:
+    if getattr(acc, "is_fsdp2", False):
         return  # GradCache, the momentum queue, BYOL and SwAV run sharded (tests/scale/test_scale_out.py)
     for key, on in (("loss.cache_chunk", loss.cache_chunk), ("loss.momentum", loss.queue_size and loss.momentum),
                     ("loss.byol_weight", loss.byol_weight), ("loss.swav_weight", loss.swav_weight)):
         if on:
-            raise ConfigError(f"{key} is not supported with DeepSpeed yet (it runs parameters outside the "
-                              "partitioned forward, or copies them): use an FSDP2 or DDP launch config")
+            raise ConfigError(f"{key} is not supported with DeepSpeed or FSDP version 1 (it runs parameters outside "
+                              "the sharded forward, or copies them): use an FSDP2 or DDP launch config")
 
 
 def saved_tensors(model: torch.nn.Module) -> Callable[[str], bool]:

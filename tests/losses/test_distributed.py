@@ -52,7 +52,8 @@ LOSSES = {"clip": (), "siglip": ("--loss.name=siglip", "--model.init_temperature
           # batch, in use at step 2), the prototypes frozen in step 1
           "siglip-cache-swav-queue": ("--loss.name=siglip", "--model.init_temperature=0.1", "--loss.cache_chunk=5",
                                       "--loss.swav_weight=1.0", "--loss.swav_queue_size=32",
-                                      "--loss.swav_freeze_steps=1", "--loss.image_ssl_dim=16")}
+                                      "--loss.swav_freeze_steps=1", "--loss.image_ssl_dim=16",
+                                      "--loss.swav_epsilon=0.05")}  # as tests/scale/test_scale_out.py says
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,9 @@ def tiny():
                                          vision_pooling="cls", projection_dim=16))
 
 
-def fake_accelerator(kind=DistributedType.FSDP, processes=2):
-    return SimpleNamespace(distributed_type=kind, num_processes=processes, process_index=0)
+def fake_accelerator(kind=DistributedType.FSDP, processes=2, fsdp_version=2):
+    return SimpleNamespace(distributed_type=kind, num_processes=processes, process_index=0,
+                           is_fsdp2=kind == DistributedType.FSDP and fsdp_version == 2)
 
 
 @pytest.mark.parametrize("option,value", [("cache_chunk", 4), ("queue_size", 8), ("byol_weight", 1.0),
@@ -28,8 +29,9 @@ def fake_accelerator(kind=DistributedType.FSDP, processes=2):
 def test_options_that_deepspeed_cannot_run_are_refused_there_and_run_under_fsdp2(option, value):
     config = Config()
     setattr(config.loss, option, value)
-    with pytest.raises(ConfigError, match="not supported with DeepSpeed yet"):
-        check_sharding(config.model, config.loss, fake_accelerator(DistributedType.DEEPSPEED))
+    for refused in (fake_accelerator(DistributedType.DEEPSPEED), fake_accelerator(fsdp_version=1)):
+        with pytest.raises(ConfigError, match="not supported with DeepSpeed or FSDP version 1"):
+            check_sharding(config.model, config.loss, refused)
     check_sharding(config.model, config.loss, fake_accelerator())  # FSDP2: sharded (tests/scale/test_scale_out.py)
     check_sharding(config.model, config.loss, fake_accelerator(DistributedType.MULTI_CPU))  # DDP: fine
     config.loss.momentum = 0.0
