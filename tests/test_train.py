@@ -53,10 +53,10 @@ NO_ACCUMULATION = ("--train.gradient_accumulation_steps=1",)
 RESUME_CASES = {
     "clip": ((), ()),
     "queue": (("--loss.queue_size=40", "--loss.momentum=0.9"), ()),
-    "byol": (("--loss.byol_weight=1.0", "--loss.image_ssl_dim=16"), ()),  # its EMA target and step count
-    # its queue (two micro-batches), step count and prototypes frozen through the checkpoint at step 3
-    "swav": (("--loss.swav_weight=1.0", "--loss.swav_queue_size=32", "--loss.swav_freeze_steps=4",
-              "--loss.image_ssl_dim=16"), ()),
+    # BYOL's EMA target and step count; SwAV's queue (two micro-batches), step count and prototypes frozen
+    # through the checkpoint at step 3
+    "byol-swav": (("--loss.byol_weight=1.0", "--loss.swav_weight=1.0", "--loss.swav_queue_size=32",
+                   "--loss.swav_freeze_steps=4", "--loss.image_ssl_dim=16"), ()),
     "cluster-sampler": (("cluster",), ()),
     "dropout": (("--model.text_config.hidden_dropout_prob=0.1", "--model.vision_config.hidden_dropout_prob=0.1"),
                 NO_ACCUMULATION),
