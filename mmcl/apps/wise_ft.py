@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..artifacts import (INFO_NAME, MARKER_NAME, MODEL_CONFIG_NAME, WEIGHTS_NAME, atomic_dir, check_output_folder,
-                         mark_folder, scrub_config_files, write_json)
+                         mark_folder, write_json)
+from ..secrets import scrub_config_files
 from ..config import Config, ConfigError
 
 def describe(tensor: torch.Tensor | None) -> str:

@@ -75,7 +75,7 @@ class BYOL(nn.Module):
         """The term on this process's views. The predictor runs on every process's views at once
         (gathered with gradient, as `ClipLoss` gathers), and each process scores its own rows."""
         every, rank = gather_with_grad(view_embeds)
-        predictor = predictor_of(model)
+        predictor = extract_model_from_parallel(model).training_head("predictor")
         weight = predictor[0].weight  # its dtype: FSDP2 with bf16 gathers the predictor in bf16
         predictions = F.normalize(predictor(every.to(weight.dtype)).float(), dim=-1)
         mine = predictions[rank * len(view_embeds):(rank + 1) * len(view_embeds)]
@@ -84,14 +84,7 @@ class BYOL(nn.Module):
     @staticmethod
     def parameters_of(model: nn.Module) -> list[nn.Parameter]:
         """The parameters the term runs itself (the predictor's), for GradCache."""
-        return list(predictor_of(model).parameters())
-
-
-def predictor_of(model: nn.Module) -> nn.Module:
-    predictor = extract_model_from_parallel(model).predictor
-    if predictor is None:
-        raise ValueError("loss.byol_weight needs the model's predictor (DualEncoderConfig.predictor_hidden)")
-    return predictor
+        return list(extract_model_from_parallel(model).training_head("predictor").parameters())
 
 
 class TargetNetwork(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -32,3 +34,10 @@ def gather_ids(ids: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
     dist.all_gather(out, ids)
     return torch.cat(out)
+
+
+def all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
+    """`tensor` summed (or reduced by `op`) over all processes, in place, without gradient."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor

@@ -14,29 +14,20 @@ import torch
 from torch import nn
 
 
-def fsdp2_modules(module: nn.Module) -> list[str]:
-    """Names of `module`'s sub-modules (and itself, as "") that FSDP2 shards; [] when unsharded."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    return [name for name, sub in module.named_modules() if isinstance(sub, FSDPModule)]
-
-
 def frozen_copy(online: nn.Module, blueprint: nn.Module | None) -> nn.Module:
     """A copy of `online` without gradients, in eval mode; `blueprint`: the same part of the model
     before it was sharded (needed, and consumed, only under FSDP2)."""
-    sharded = fsdp2_modules(online)
-    if not sharded and not any(type(p).__name__ == "DTensor" for p in online.parameters()):
+    sharded = [p for p in online.parameters() if type(p).__name__ == "DTensor"]
+    if not sharded:
         return copy.deepcopy(online).requires_grad_(False).eval()
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if blueprint is None:
         raise ValueError("a sharded model's EMA copy needs its blueprint (an unsharded copy taken before prepare)")
-    mesh = next(p for p in online.parameters() if type(p).__name__ == "DTensor").device_mesh
-    replica = blueprint  # on the host: fully_shard moves each group's own shard to the device
+    replica, mesh = blueprint, sharded[0].device_mesh  # on the host: fully_shard moves each shard to the device
     parts = dict(replica.named_modules())
-    for name in sorted((n for n in sharded if n), key=lambda n: -n.count(".")):  # innermost first
+    groups = [name for name, sub in online.named_modules() if isinstance(sub, FSDPModule) and name]
+    for name in sorted(groups, key=lambda n: -n.count(".")):  # innermost first, as the model was sharded
         fully_shard(parts[name], mesh=mesh)
     fully_shard(replica, mesh=mesh)  # the rest (embeddings, heads) as one more group
     theirs = dict(online.named_parameters())

@@ -22,24 +22,15 @@ share of them, rows rank::world, into the partition.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
-from .distributed import gather_ids, is_distributed
+from .distributed import all_reduce, gather_ids, is_distributed
 
 SPACES = ("views", "images", "texts")  # what the queue keeps: the scores' rows of each kind
-
-
-def _all_reduce(tensor: torch.Tensor, op: Any = None) -> torch.Tensor:
-    """`tensor` summed (or `op`) over all processes, in place."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
 
 
 @torch.no_grad()
@@ -48,13 +39,13 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Ten
     such that, over all processes' rows, every prototype receives an equal share and every row sums
     to 1: Sinkhorn–Knopp on exp(scores / epsilon), its row and column sums taken over all processes."""
     logits = scores.double() / epsilon  # float64: at a small epsilon exp() of float32 underflows to 0
-    top = _all_reduce(logits.max().clone(), dist.ReduceOp.MAX if is_distributed() else None)
+    top = all_reduce(logits.max().clone(), dist.ReduceOp.MAX)
     q = torch.exp(logits - top).T  # (K, B); the shift cancels in the normalisation
     prototypes = q.shape[0]
-    rows = _all_reduce(torch.tensor(float(q.shape[1]), device=q.device, dtype=q.dtype))
-    q /= _all_reduce(q.sum())
+    rows = all_reduce(torch.tensor(float(q.shape[1]), device=q.device, dtype=q.dtype))
+    q /= all_reduce(q.sum())
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: 1 / K of the mass
+        q /= all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: 1 / K of the mass
         q /= prototypes
         q /= q.sum(dim=0, keepdim=True)  # each row: 1 / B of the mass
         q /= rows
@@ -145,7 +136,4 @@ class SwAV(nn.Module):
 
 
 def prototypes_of(model: nn.Module) -> nn.ModuleDict:
-    prototypes = extract_model_from_parallel(model).prototypes
-    if prototypes is None:
-        raise ValueError("loss.swav_weight needs the model's prototypes (DualEncoderConfig.swav_prototypes)")
-    return prototypes
+    return extract_model_from_parallel(model).training_head("prototypes")

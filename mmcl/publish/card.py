@@ -22,7 +22,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..artifacts import (EXPORT_INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, WEIGHTS_NAME, is_hub_id, read_json,
-                         ZERO_SHOT_NAME, recommended_templates, scrub_secrets)
+                         ZERO_SHOT_NAME, recommended_templates)
+from ..secrets import scrub_secrets
 
 BUILTIN_EMOJI = "builtin:emoji"
 _RETRIEVAL = re.compile(r"^(image_to_text|text_to_image)_(R@\d+|median_rank|mean_rank)$")

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..artifacts import (EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, ZERO_SHOT_NAME,
-                         atomic_dir, scrub_config_files)
+from ..artifacts import EXPORT_INFO_NAME, INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, ZERO_SHOT_NAME, atomic_dir
+from ..secrets import scrub_config_files
 from ..towers.backbones import BackboneTower, NoTransformersCopy, as_transformers
 from ..towers.inference import EncoderBundle, load_encoder
+from ..towers.heads import TRAINING_HEADS
 from ..towers.model import DualEncoder, tower_width
 
 COPIED = (TRAINING_CONFIG_NAME, INFO_NAME, ZERO_SHOT_NAME)  # metadata for the model card; the templates for mmcl
@@ -221,8 +222,8 @@ def _export_remote_code(bundle: EncoderBundle, folder: Path, report: ExportRepor
     model: DualEncoder = bundle.encoder
     cfg = model.config
     state = {k: v for k, v in model.state_dict().items()
-             if not k.startswith(("image_ssl_head.", "predictor.", "prototypes."))}  # used only in training
-    plain = DualEncoder(replace(cfg, image_ssl_dim=None, predictor_hidden=None, swav_prototypes=None, extra={}))
+             if k.split(".", 1)[0] not in TRAINING_HEADS}  # used only in training
+    plain = DualEncoder(replace(cfg, **dict.fromkeys(TRAINING_HEADS.values()), extra={}))
     plain.load_state_dict(state)
     plain.save_pretrained(folder)  # model.safetensors and mmcl_config.json: mmcl's format
     build_processor("", bundle.tokenizer, bundle.image_processor).save_pretrained(folder)

@@ -29,8 +29,9 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..artifacts import (EXPORT_INFO_NAME, HF_TOKEN_SHAPE, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, load_training_config,
-                         ZERO_SHOT_NAME, metrics_for, read_json, secret_keys)
+from ..artifacts import (EXPORT_INFO_NAME, MODEL_CONFIG_NAME, TRAINING_CONFIG_NAME, load_training_config,
+                         ZERO_SHOT_NAME, metrics_for, read_json)
+from ..secrets import HF_TOKEN_SHAPE, secret_keys
 from ..config import ConfigError, HubConfig
 from .card import write_model_card
 

@@ -26,8 +26,10 @@ from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from ..artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME, scrub_secrets
+from ..artifacts import MODEL_CONFIG_NAME, WEIGHTS_NAME
+from ..secrets import scrub_secrets
 from .backbones import MODEL_TYPE, BackboneTower, tower_from_config
+from .heads import TRAINING_HEADS, predictor_head, prototype_layers, ssl_head
 
 
 @dataclass
@@ -140,33 +142,6 @@ def pool(outputs: Any, attention_mask: torch.Tensor | None, how: str) -> torch.T
         return hidden.mean(dim=1)
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-
-
-def ssl_head(width: int, dim: int) -> nn.Module:
-    """SLIP's image–image projection: an MLP on the vision tower's pooled features (used only in
-    training; exports leave it out)."""
-    return nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, dim))
-
-
-def predictor_head(dim: int, hidden: int) -> nn.Module:
-    """BYOL's predictor: an MLP from the image–image head's unit-norm output back to its width (training
-    only). Its batch norm is what keeps BYOL from collapsing here (a GELU MLP collapsed in 30 steps), so
-    the objective runs it on the whole gathered batch (`mmcl.losses.byol`), never per chunk or per process."""
-    # no bias before the batch norm: it would cancel it, and Adam would turn its zero gradient's rounding
-    # noise into full-size steps (2 processes and 1 then differ by ~1e-4 in it)
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
-
-def prototype_layers(count: int, embed_dim: int, ssl_dim: int | None) -> nn.ModuleDict:
-    """SwAV's prototypes (training only): `count` unit vectors in the joint embedding space ("pairs")
-    and, with an image–image head, in its output space ("views"), as bias-free linear layers."""
-    layers = {"pairs": nn.Linear(embed_dim, count, bias=False)}
-    if ssl_dim is not None:
-        layers["views"] = nn.Linear(ssl_dim, count, bias=False)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.weight.copy_(F.normalize(layer.weight, dim=-1))
-    return nn.ModuleDict(layers)
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
@@ -284,6 +259,14 @@ class DualEncoder(nn.Module):
             self.config.swav_prototypes = count
             self.prototypes = prototype_layers(count, self.embed_dim, self.config.image_ssl_dim).to(
                 self.logit_scale.device)
+
+    def training_head(self, name: str) -> nn.Module:
+        """A head the objective runs itself ("predictor": BYOL's, "prototypes": SwAV's), unwrapped from
+        any DDP / FSDP wrapper, or an error naming the config field that adds it."""
+        head = getattr(self, name, None)
+        if head is None:
+            raise ValueError(f"this loss needs the model's {name} (DualEncoderConfig.{TRAINING_HEADS[name]})")
+        return head
 
     def add_logit_bias(self, init: float) -> None:
         """Give a model trained without one a learned logit bias (to fine-tune it with SigLIP's loss)."""

@@ -18,7 +18,8 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 
 from ..artifacts import (CHECKPOINTS_DIR, INFO_NAME, STATE_NAME, ZERO_SHOT_NAME, atomic_dir, explain_write_errors,
-                        folder_bytes, replace_dir, save_training_config, scrub_config_files, staging_dir, write_json)
+                         folder_bytes, replace_dir, save_training_config, staging_dir, write_json)
+from ..secrets import scrub_config_files
 from ..config import ConfigError
 from ..data.pairs import SkipCounter, Skipped
 from .state import TrainingState

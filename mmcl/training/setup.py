@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..artifacts import (BEST_DIR, CHECKPOINTS_DIR, EXPORT_DIR, FINAL_DIR, LOG_NAME, LOGS_DIR, METRICS_NAME,
-                         PROCESSOR_DIR, RunLock, check_output_folder, folder_sha256, mark_folder, restore_aside,
-                         scrub_secrets)
+                         PROCESSOR_DIR, RunLock, check_output_folder, folder_sha256, mark_folder, restore_aside)
+from ..secrets import scrub_secrets
 from ..config import Config, ConfigError, DataConfig, EvalSpec, LossConfig, ModelConfig, TrainConfig
 from ..data.loader import (TrainBatches, build_stream, build_train_loader, count_up_to, fit_batch, hold_out,
                            load_train_dataset, shares_images, train_captions)

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData, metadata_load
 from huggingface_hub.utils import _http
 
 from mmcl.data import emoji as emoji_data
-from mmcl.artifacts import scrub_secrets
+from mmcl.secrets import scrub_secrets
 from mmcl.publish.card import write_model_card
 from mmcl.cli import main
 from mmcl.config import Config
